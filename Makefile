@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine (see README):
+#   make study   run the study on the embedded default benchmark
+#   make test    run the test suite
+# Both create ./.venv and install the package with its extras on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROFILE ?= default
+
+.PHONY: install test study figures lint bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/torch-pair.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -c requirements/torch-pair.txt -e ".[notebooks,dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3
+	$(BIN)/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+study: $(STAMP)
+	$(BIN)/python -m clml_core.study --profile $(PROFILE)
+
+figures: $(STAMP)
+	$(BIN)/python -m clml_core.study --profile $(PROFILE) --only 04_paper_figures --force
+
+lint: $(STAMP)
+	$(BIN)/ruff check clml_core tests benchmarks
+	$(BIN)/ruff format --check clml_core tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_clml_loss.py

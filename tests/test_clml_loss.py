@@ -1,0 +1,208 @@
+"""CLMLLoss against the per-class float64 SVD loop, its gradients, edge cases and bad input."""
+
+import pytest
+import torch
+
+from clml_core.losses import CLMLLoss, clml_loss_reference, group_nuclear_norms, nuclear_norm
+
+SHAPES = [(8, 16, 5), (32, 64, 20), (24, 300, 80), (6, 3, 4)]  # (B, D, C); the last has D < B
+
+
+def _draw(batch: int, dim: int, classes: int, seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, dim, generator=g, dtype=dtype)
+    labels = torch.rand(batch, classes, generator=g) < 3.0 / classes
+    return z, labels
+
+
+def _value_and_grad(fn, z, labels):
+    leaf = z.detach().clone().requires_grad_()
+    value = fn(leaf, labels)
+    (grad,) = torch.autograd.grad(value, leaf)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("batch,dim,classes", SHAPES)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(lam=1.0, delta=1.0, local_weight=1.0, global_weight=1.0),
+        dict(lam=0.3, delta=0.0, local_weight=1.0, global_weight=1.0),
+        dict(lam=2.0, delta=5.0, local_weight=0.5, global_weight=2.0),
+        dict(lam=1.0, delta=1.0, local_weight=0.0, global_weight=1.0),
+        dict(lam=1.0, delta=1.0, local_weight=1.0, global_weight=0.0),
+    ],
+)
+def test_matches_float64_svd_loop(batch, dim, classes, seed, params):
+    z, labels = _draw(batch, dim, classes, seed)
+    value, grad = _value_and_grad(CLMLLoss(**params), z, labels)
+    ref_value, ref_grad = _value_and_grad(lambda e, y: clml_loss_reference(e, y, **params), z, labels)
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch,dim,classes", SHAPES[:2])
+def test_float32_matches_float64_loop(batch, dim, classes):
+    z, labels = _draw(batch, dim, classes, seed=3)
+    value, grad = _value_and_grad(CLMLLoss(), z.float(), labels)
+    ref_value, ref_grad = _value_and_grad(clml_loss_reference, z, labels)
+    assert value.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck():
+    z, labels = _draw(6, 5, 3, seed=4)
+    z.requires_grad_()
+    assert torch.autograd.gradcheck(lambda e: CLMLLoss(delta=0.1)(e, labels), (z,))
+
+
+def test_terms_are_the_weighted_parts_of_the_loss():
+    z, labels = _draw(16, 32, 10, seed=5)
+    loss_fn = CLMLLoss(lam=0.7, delta=1.0, local_weight=2.0, global_weight=3.0)
+    terms = loss_fn.terms(z, labels)
+    local_ref = sum(
+        max(1.0, float(torch.linalg.svdvals(z[labels[:, k]]).sum())) if labels[:, k].any() else 1.0
+        for k in range(10)
+    )
+    global_ref = float(torch.linalg.svdvals(z).sum())
+    assert float(terms.local) == pytest.approx(2.0 * local_ref, rel=1e-10)
+    assert float(terms.global_) == pytest.approx(3.0 * global_ref, rel=1e-10)
+    assert float(terms.loss) == pytest.approx(0.7 / 16 * (2.0 * local_ref - 3.0 * global_ref), rel=1e-10)
+    assert float(loss_fn(z, labels)) == float(terms.loss)
+
+
+def test_static_padding_equals_compact_padding():
+    z, labels = _draw(20, 40, 12, seed=6)
+    compact, grad_compact = _value_and_grad(lambda e, y: group_nuclear_norms(e, y).sum(), z, labels)
+    static, grad_static = _value_and_grad(
+        lambda e, y: group_nuclear_norms(e, y, group_size=20).sum(), z, labels
+    )
+    torch.testing.assert_close(compact, static, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_compact, grad_static, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8, torch.float32])
+def test_label_dtypes_agree(dtype):
+    z, labels = _draw(10, 8, 4, seed=7)
+    assert float(CLMLLoss()(z, labels.to(dtype))) == float(CLMLLoss()(z, labels))
+
+
+def test_label_with_no_rows_contributes_delta_without_gradient():
+    z, _ = _draw(5, 4, 1, seed=8)
+    labels = torch.zeros(5, 2, dtype=torch.bool)
+    labels[:, 0] = True  # label 1 has no rows
+    local_only = CLMLLoss(delta=0.25, global_weight=0.0)
+    terms = local_only.terms(z, labels)
+    assert float(terms.local) == pytest.approx(float(torch.linalg.svdvals(z).sum()) + 0.25)
+    empty = torch.zeros(5, 3, dtype=torch.bool)
+    value, grad = _value_and_grad(local_only, z, empty)
+    assert float(value) == pytest.approx(3 * 0.25 / 5)
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_label_with_one_row_is_the_row_norm():
+    z, _ = _draw(4, 6, 1, seed=9)
+    labels = torch.tensor([[0], [1], [0], [0]])
+    value, grad = _value_and_grad(CLMLLoss(delta=0.0, global_weight=0.0), z, labels)
+    assert float(value) == pytest.approx(float(z[1].norm()) / 4)
+    expected = torch.zeros_like(z)
+    expected[1] = z[1] / z[1].norm() / 4
+    torch.testing.assert_close(grad, expected)
+
+
+def test_duplicate_rows_use_the_documented_subgradient():
+    g = torch.Generator().manual_seed(10)
+    row = torch.randn(1, 7, generator=g, dtype=torch.float64)
+    other = torch.randn(1, 7, generator=g, dtype=torch.float64)
+    z = torch.cat([row, row, other])  # rank 2 with three rows
+    labels = torch.ones(3, 1)
+    value, grad = _value_and_grad(CLMLLoss(delta=0.0, global_weight=0.0), z, labels)
+    u, s, vh = torch.linalg.svd(z, full_matrices=False)
+    assert s[-1] < 1e-12  # rank deficient
+    assert float(value) == pytest.approx(float(s[:2].sum()) / 3, rel=1e-10)
+    # U_r V_r^T over the nonzero singular values, divided by B.
+    torch.testing.assert_close(grad, (u[:, :2] @ vh[:2]) / 3, rtol=1e-7, atol=1e-9)
+
+
+def test_batch_of_one():
+    z = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    labels = torch.tensor([[1, 0, 1]])
+    value, grad = _value_and_grad(CLMLLoss(delta=1.0), z, labels)
+    # local: 5 + 1 (empty label) + 5; global: 5
+    assert float(value) == pytest.approx(11.0 - 5.0)
+    torch.testing.assert_close(grad, torch.tensor([[0.6, 0.8]], dtype=torch.float64))
+
+
+def test_all_zero_embeddings_are_finite_with_zero_gradient():
+    z = torch.zeros(8, 16)
+    labels = torch.rand(8, 5, generator=torch.Generator().manual_seed(11)) < 0.5
+    value, grad = _value_and_grad(CLMLLoss(delta=1.0), z, labels)
+    assert float(value) == pytest.approx(5 * 1.0 / 8)
+    assert torch.isfinite(grad).all() and torch.count_nonzero(grad) == 0
+    assert float(nuclear_norm(z)) == 0.0
+
+
+@pytest.mark.parametrize("scale", [2.0**16, 1.0 / 1024])
+def test_gradient_scales_with_the_incoming_gradient(scale):
+    z, labels = _draw(16, 24, 6, seed=12, dtype=torch.float32)
+    _, grad = _value_and_grad(CLMLLoss(), z, labels)
+    _, grad_scaled = _value_and_grad(lambda e, y: CLMLLoss()(e, y) * scale, z, labels)
+    torch.testing.assert_close(grad_scaled, grad * scale, rtol=1e-6, atol=0)
+
+
+def test_bfloat16_autocast_is_finite_and_close_to_float32():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(32, 20, generator=g)
+    labels = torch.rand(32, 8, generator=g) < 0.3
+    layer = torch.nn.Linear(20, 64)
+
+    def run(autocast: bool):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = layer(x)
+            loss = CLMLLoss()(z, labels)
+        loss.backward()
+        return z.dtype, loss.detach(), layer.weight.grad.clone()
+
+    dtype, loss_bf16, grad_bf16 = run(True)
+    _, loss_fp32, grad_fp32 = run(False)
+    assert dtype == torch.bfloat16 and loss_bf16.dtype == torch.float32
+    assert torch.isfinite(grad_bf16).all()
+    assert float(loss_bf16) == pytest.approx(float(loss_fp32), rel=2e-2)
+    assert float((grad_bf16 - grad_fp32).norm() / grad_fp32.norm()) < 5e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    z, labels = _draw(32, 64, 20, seed=14, dtype=torch.float32)
+    value, grad = _value_and_grad(CLMLLoss(), z, labels)
+    value_cuda, grad_cuda = _value_and_grad(CLMLLoss(check_values=False), z.cuda(), labels.cuda())
+    torch.testing.assert_close(value_cuda.cpu(), value, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_cuda.cpu(), grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "embeddings,labels,message",
+    [
+        (torch.randn(4, 3), torch.ones(5, 2), "batch size 4 but labels have 5"),
+        (torch.randn(4), torch.ones(4, 2), "embeddings must be 2-D"),
+        (torch.randn(4, 3), torch.ones(4), "labels must be 2-D"),
+        (torch.randn(4, 3), torch.full((4, 2), 2.0), r"labels must be in \{0, 1\}"),
+        (torch.randn(4, 3), -torch.ones(4, 2, dtype=torch.int64), r"labels must be in \{0, 1\}"),
+        (torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), torch.ones(2, 2), "NaN or Inf"),
+        (torch.tensor([[0.0, float("inf")], [1.0, 2.0]]), torch.ones(2, 2), "NaN or Inf"),
+        (torch.ones(3, 2, dtype=torch.int64), torch.ones(3, 2), "floating point"),
+        (torch.randn(0, 3), torch.ones(0, 2), "empty batch"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(embeddings, labels, message):
+    with pytest.raises(ValueError, match=message):
+        CLMLLoss()(embeddings, labels)
+
+
+@pytest.mark.parametrize("field", ["lam", "delta", "local_weight", "global_weight"])
+def test_negative_hyperparameters_are_rejected(field):
+    with pytest.raises(ValueError, match=field):
+        CLMLLoss(**{field: -1.0})
