@@ -20,8 +20,9 @@ Gradient and subgradient. d tr sqrt(G) / dG = G^{-1/2} / 2, which gives the fami
 norm. At rank-deficient points (duplicate rows, a label with one zero row, all-zero embeddings) the nuclear norm is
 not differentiable; we use the subgradient U_r V_r^T over the singular values above the tolerance
 ``s_max * max(m * eps, sqrt(m * eps64))`` with m = max(n, D), eps that of float32 or of the input dtype if wider
-(NumPy's ``matrix_rank`` rule, floored at what a float64 Gram matrix resolves), and treat the rest as exactly zero. At Z_k = 0 that subgradient is 0. The authors' release drops singular values under an
-absolute 1e-6 instead, which depends on the scale of the features.
+(NumPy's ``matrix_rank`` rule, floored at what a float64 Gram matrix resolves), and treat the rest as exactly
+zero. At Z_k = 0 that subgradient is 0. The authors' release drops singular values under an absolute
+1e-6 instead, which depends on the scale of the features.
 
 The backward multiplies by the incoming gradient, so under AMP loss scaling (loss * S) the embedding gradient is
 scaled by S as well. The authors' release ignores the incoming gradient, which divides the CLML gradient by S.
