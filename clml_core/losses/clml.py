@@ -45,9 +45,7 @@ class _TraceSqrtPSD(torch.autograd.Function):
         tol = evals[..., -1:].clamp(min=0) * rtol**2  # (..., 1): singular-value tolerance, squared
         keep = evals > tol.clamp(min=torch.finfo(gram.dtype).tiny)
         root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()  # (..., n) singular values
-        ctx.save_for_backward(
-            evecs, torch.where(keep, 0.5 / root.clamp(min=torch.finfo(gram.dtype).tiny), 0.0)
-        )
+        ctx.save_for_backward(evecs, torch.where(keep, 0.5 / root.clamp(min=torch.finfo(gram.dtype).tiny), 0.0))
         return root.sum(-1)
 
     @staticmethod
@@ -93,20 +91,19 @@ def _nuclear_norm_from_gram(gram: Tensor, embeddings: Tensor) -> Tensor:
     return _TraceSqrtPSD.apply(gram.unsqueeze(0), _rtol(embeddings, gram.shape[0]))[0]
 
 
-def _group_nuclear_norms_from_gram(
-    gram: Tensor, embeddings: Tensor, labels: Tensor, group_size: int | None
-) -> Tensor:
+def _group_nuclear_norms_from_gram(gram: Tensor, embeddings: Tensor, labels: Tensor, group_size: int | None) -> Tensor:
     batch = gram.shape[0]
     members = labels.T  # (C, B) bool
-    counts = members.sum(1)  # (C,)
     if group_size is None:
-        group_size = int(counts.max()) if gram.device.type == "cpu" else batch
+        group_size = int(members.sum(1).max()) if gram.device.type == "cpu" else batch
     n = max(1, min(group_size, batch))
-    # Row indices of each label's members first (stable), then padding slots.
-    order = torch.argsort((~members).to(torch.uint8), dim=1, stable=True)[:, :n]  # (C, n)
-    valid = torch.arange(n, device=gram.device) < counts[:, None]  # (C, n)
-    sub = gram[order[:, :, None], order[:, None, :]]  # (C, n, n)
-    sub = sub * (valid[:, :, None] & valid[:, None, :])
+    # order[k] lists the rows of label k, then the index B of an all-zero padding row.
+    slot = torch.where(members, members.cumsum(1) - 1, n)  # (C, B); non-members go to the dropped column n
+    rows = torch.arange(batch, device=gram.device).expand_as(slot)
+    order = torch.full((members.shape[0], n + 1), batch, dtype=torch.long, device=gram.device)
+    order = order.scatter(1, slot, rows)[:, :n]  # (C, n)
+    padded = torch.nn.functional.pad(gram, (0, 1, 0, 1))  # (B + 1, B + 1)
+    sub = padded[order[:, :, None], order[:, None, :]]  # (C, n, n), zero outside the label's rows
     return _TraceSqrtPSD.apply(sub, _rtol(embeddings, n))
 
 
@@ -204,8 +201,7 @@ class CLMLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"lam={self.lam}, delta={self.delta}, local_weight={self.local_weight}, "
-            f"global_weight={self.global_weight}"
+            f"lam={self.lam}, delta={self.delta}, local_weight={self.local_weight}, global_weight={self.global_weight}"
         )
 
     def terms(self, embeddings: Tensor, labels: Tensor) -> CLMLTerms:
