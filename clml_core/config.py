@@ -1,0 +1,310 @@
+"""Training configuration: typed dataclasses, named presets, YAML files and ``key=value`` overrides.
+
+A configuration is resolved in this order: preset, then ``--config FILE.yaml``, then ``section.field=value``
+overrides from the command line or a notebook. The resolved configuration is written next to every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Dataset, missing-label protocol and loading."""
+
+    dataset: str = "synthetic"  # synthetic | coco | voc | nuswide
+    root: str = ""  # dataset root for coco / voc / nuswide
+    train_split: str = ""  # e.g. train2014, trainval; "" = the dataset's default
+    test_split: str = ""  # e.g. val2014, test; "" = the dataset's default
+    synthetic_size: str = "default"  # size preset of the embedded benchmark: tiny | default
+    synthetic_seed: int = 0  # the generated dataset's own seed (independent of the run seed)
+    image_size: int = 64
+    protocol: str = "keep_fraction"  # full | keep_fraction | single_positive | file
+    fraction: float = 0.4  # kept share of positives for keep_fraction
+    observed_file: str = ""  # pinned observed training labels in the split-file format (protocol=file)
+    protocol_seed: int = 0  # seed of the protocol draw (fixed across run seeds so seeds vary the training only)
+    val_fraction: float = 0.1  # validation split carved from train
+    val_labels: str = "observed"  # observed | full: which labels validation mAP uses for model selection
+    augment: str = "none"  # none | authors (RandAugment + Cutout, as in the authors' recipe)
+    packed_cache: bool = False  # decode real images once into a memory-mapped uint8 cache
+    workers: int = 0
+    limit_train: int = 0  # use only the first N training images (0 = all); for smoke tests
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "smallcnn"  # smallcnn | resnet18 | resnet50 | resnet101
+    weights: str | None = None  # None | imagenet | a torchvision weights name | a local .pth path
+    proj_dim: int | None = None  # optional projection head; CLML then acts on its output
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class LossConfig:
+    base: str = "bce"  # bce | focal | asl | hill | splc | an | ll-r
+    reduction: str = "sum"  # sum over batch x classes, the authors' convention (lambda = 1 as in the paper)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra base-loss hyperparameters
+    splc_start_epoch: int = 1  # epoch from which SPLC's own correction is active
+    llr_rate_per_epoch: float = 0.002  # LL-R: rejection rate grows by this each epoch
+
+
+@dataclass
+class CLMLConfig:
+    enabled: bool = False
+    lam: float = 1.0
+    delta: float = 1.0
+    local_weight: float = 1.0
+    global_weight: float = 1.0
+    correction: bool = True  # label correction for the CLML groups
+    tau: float = 0.6
+    correction_start_epoch: int = 1  # 0-based epoch from which correction is on
+    correct_base: bool = False  # corrected labels also feed the base loss (the authors: no)
+    authors_release: bool = False  # the authors' implementation: backward ignores the incoming gradient
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10  # length of the schedule
+    stop_epoch: int = 0  # stop after this many epochs of the schedule (0 = epochs); the authors: 26 of 80
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "onecycle"  # onecycle | constant
+    pct_start: float = 0.2
+    ema_decay: float = 0.0  # 0 disables EMA; the authors use 0.9997
+    amp: str = "off"  # off | bf16 | fp16 (fp16 uses a dynamic GradScaler)
+    loss_scale: float = 0.0  # static loss scale (0 = none); emulates AMP scaling on CPU, e.g. 65536
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
+    save_embeddings: bool = True  # test-set embeddings of the selected model, for the embeddings notebook
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    clml: CLMLConfig = field(default_factory=CLMLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded benchmark, tiny: under a minute on a 2-core CPU, two epochs, a checkpoint after each.
+    "smoke": {
+        "name": "smoke",
+        "data": {"synthetic_size": "tiny", "image_size": 32},
+        "model": {"arch": "smallcnn"},
+        "clml": {"enabled": True, "correction_start_epoch": 1},
+        "optim": {"epochs": 2, "batch_size": 32, "lr": 2e-3},
+    },
+    # The embedded benchmark at the size the CPU study uses.
+    "default": {
+        "name": "default",
+        "data": {"synthetic_size": "default", "image_size": 64},
+        "model": {"arch": "smallcnn"},
+        "clml": {"enabled": True},
+        "optim": {"epochs": 8, "batch_size": 64, "lr": 2e-3},
+    },
+    # The authors' recipe: ResNet101 at 448 px, Adam 1e-4, OneCycle, weight decay 1e-4 off bias and norm layers,
+    # EMA 0.9997, RandAugment + Cutout, batch 64, 80 epochs, fp16 AMP. Needs a GPU and a dataset root.
+    "paper": {
+        "name": "paper",
+        "data": {"dataset": "coco", "image_size": 448, "augment": "authors", "packed_cache": True, "workers": 8},
+        "model": {"arch": "resnet101", "weights": "imagenet", "channels_last": True},
+        "loss": {"base": "hill"},
+        "clml": {"enabled": True},
+        "optim": {
+            "epochs": 80,
+            "stop_epoch": 26,
+            "batch_size": 64,
+            "lr": 1e-4,
+            "weight_decay": 1e-4,
+            "schedule": "onecycle",
+            "pct_start": 0.2,
+            "ema_decay": 0.9997,
+            "amp": "bf16",
+        },
+    },
+}
+
+
+def _parse_bool(text: str, key: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"config field {key!r}: expected a boolean (true/false), got {text!r}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` (a YAML value or a command-line string) to the field's type, strictly."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, inner[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return _parse_bool(value, key)
+        raise ValueError(f"config field {key!r}: expected a boolean, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"config field {key!r}: expected a number, got a boolean")
+        kind = "an integer" if annotation is int else "a number"
+        try:
+            number = float(value) if annotation is float else int(str(value), 0) if isinstance(value, str) else value
+        except ValueError:
+            raise ValueError(f"config field {key!r}: expected {kind}, got {value!r}") from None
+        if annotation is int and (not isinstance(number, int) or isinstance(number, bool)):
+            raise ValueError(f"config field {key!r}: expected an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config field {key!r}: expected a string, got {value!r}")
+        return value
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"config field {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"config field {key!r}: unsupported annotation {annotation!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def apply_updates(config: TrainConfig, updates: dict[str, Any], source: str = "override") -> TrainConfig:
+    """Return a copy of ``config`` with nested ``updates`` applied (unknown fields raise, naming the source)."""
+
+    def merge(obj: Any, upd: dict[str, Any], prefix: str) -> Any:
+        hints = _hints(type(obj))
+        changes = {}
+        for key, value in upd.items():
+            dotted = f"{prefix}{key}"
+            if key not in hints:
+                valid = ", ".join(sorted(hints))
+                raise ValueError(f"{source}: unknown config field {dotted!r} (valid here: {valid})")
+            current = getattr(obj, key)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ValueError(f"{source}: config field {dotted!r} is a section; give a mapping")
+                changes[key] = merge(current, value, dotted + ".")
+            else:
+                try:
+                    changes[key] = _coerce(value, hints[key], dotted)
+                except ValueError as error:
+                    raise ValueError(f"{source}: {error}") from None
+        return dataclasses.replace(obj, **changes)
+
+    return merge(config, updates, "")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "clml.enabled=false"]`` -> nested dict of strings (typed later by the dataclasses)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        target = nested
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML configuration file (a nested mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> TrainConfig:
+    """Preset, then YAML file, then overrides (a nested dict, or ``section.field=value`` strings)."""
+    config = TrainConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        config = apply_updates(config, PRESETS[preset], source=f"preset {preset!r}")
+    if config_file is not None:
+        config = apply_updates(config, load_yaml(config_file), source=str(config_file))
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        config = apply_updates(config, overrides)
+    validate_config(config)
+    return config
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Check choices and ranges; raise ValueError naming the field."""
+    choices = {
+        "data.dataset": (config.data.dataset, ("synthetic", "coco", "voc", "nuswide")),
+        "data.protocol": (config.data.protocol, ("full", "keep_fraction", "single_positive", "file")),
+        "data.val_labels": (config.data.val_labels, ("observed", "full")),
+        "data.augment": (config.data.augment, ("none", "authors")),
+        "loss.reduction": (config.loss.reduction, ("sum", "mean")),
+        "optim.schedule": (config.optim.schedule, ("onecycle", "constant")),
+        "optim.amp": (config.optim.amp, ("off", "bf16", "fp16")),
+        "device": (config.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ValueError(f"config field {key!r}: {value!r} is not one of {', '.join(valid)}")
+    if not 0.0 < config.data.fraction <= 1.0:
+        raise ValueError(f"config field 'data.fraction': must be in (0, 1], got {config.data.fraction}")
+    if not 0.0 < config.data.val_fraction < 1.0:
+        raise ValueError(f"config field 'data.val_fraction': must be in (0, 1), got {config.data.val_fraction}")
+    if not 0.0 < config.clml.tau < 1.0:
+        raise ValueError(f"config field 'clml.tau': must be in (0, 1), got {config.clml.tau}")
+    if config.data.protocol == "file" and not config.data.observed_file:
+        raise ValueError("config field 'data.observed_file': required when data.protocol is 'file'")
+    if config.data.dataset != "synthetic" and not config.data.root:
+        raise ValueError(f"config field 'data.root': required for dataset {config.data.dataset!r}")
+    for key in ("epochs", "batch_size"):
+        if getattr(config.optim, key) < 1:
+            raise ValueError(f"config field 'optim.{key}': must be >= 1")
+    if not 0 <= config.optim.stop_epoch <= config.optim.epochs:
+        raise ValueError("config field 'optim.stop_epoch': must be in [0, optim.epochs]")
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Inverse of :func:`to_dict` (e.g. a run folder's ``config.yaml``)."""
+    config = apply_updates(TrainConfig(), data, source="config")
+    validate_config(config)
+    return config

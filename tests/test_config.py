@@ -1,0 +1,74 @@
+"""Configuration: presets, YAML files, typed overrides and strict booleans."""
+
+import pytest
+
+from clml_core.config import PRESETS, from_dict, parse_overrides, resolve_config, to_dict
+
+
+def test_presets_resolve():
+    for name in PRESETS:
+        overrides = {"data": {"root": "/nowhere"}} if name == "paper" else None
+        config = resolve_config(name, overrides=overrides)
+        assert config.name == name
+    paper = resolve_config("paper", overrides={"data": {"root": "/x"}})
+    assert (paper.model.arch, paper.data.image_size, paper.optim.lr, paper.optim.ema_decay) == (
+        "resnet101",
+        448,
+        1e-4,
+        0.9997,
+    )
+    assert paper.optim.batch_size == 64 and paper.data.augment == "authors"
+
+
+def test_overrides_are_typed():
+    config = resolve_config(
+        "smoke", overrides=["optim.lr=3e-4", "optim.epochs=3", "clml.enabled=false", "model.proj_dim=none"]
+    )
+    assert config.optim.lr == 3e-4 and config.optim.epochs == 3
+    assert config.clml.enabled is False and config.model.proj_dim is None
+    assert resolve_config("smoke", overrides=["model.proj_dim=128"]).model.proj_dim == 128
+
+
+@pytest.mark.parametrize("text", ["maybe", "2", "yes please"])
+def test_booleans_are_strict(text):
+    with pytest.raises(ValueError, match="clml.enabled.*boolean"):
+        resolve_config("smoke", overrides=[f"clml.enabled={text}"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lrr=1", "unknown config field 'optim.lrr'"),
+        ("optim.epochs=2.5", "optim.epochs.*integer"),
+        ("clml.tau=1.5", "clml.tau"),
+        ("data.protocol=half", "data.protocol"),
+        ("data.dataset=coco", "data.root"),
+        ("noequals", "section.field=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config("smoke", overrides=[override])
+
+
+def test_yaml_file_between_preset_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\n  epochs: 5\nclml:\n  lam: 0.5\n")
+    config = resolve_config("smoke", path, ["optim.epochs=7"])
+    assert (config.optim.lr, config.optim.epochs, config.clml.lam) == (0.01, 7, 0.5)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  momentum: 0.9\n")
+    with pytest.raises(ValueError, match=f"{bad}.*optim.momentum"):
+        resolve_config("smoke", bad)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        resolve_config("smoke", tmp_path / "missing.yaml")
+
+
+def test_round_trip():
+    config = resolve_config("default", overrides=["loss.kwargs={gamma: 3.0}"])
+    assert from_dict(to_dict(config)) == config
+    assert config.loss.kwargs == {"gamma": 3.0}
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=2"]) == {"a": {"b": "1", "c": "x"}, "d": "2"}
