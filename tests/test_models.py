@@ -1,0 +1,210 @@
+"""Models: shapes for every arch, the projection head, parameter groups and weight loading (never the network)."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from clml_core.models import ARCHS, ModelOutput, MultiLabelNet, SmallCNN, build_model, param_groups
+
+NUM_FEATURES = {"resnet101": 2048, "resnet50": 2048, "resnet18": 512, "smallcnn": 256}
+RESNET18_V1 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty torch hub directory and a network that always fails; returns the hub checkpoint folder."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise URLError("network disabled in tests")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    assert Path(torch.hub.get_dir()) == tmp_path / "torch_home" / "hub"
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_shapes_and_types(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=5).eval()
+    size = 64 if arch == "smallcnn" else 32  # ResNets reach 1 x 1 at layer4 from 32 px
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+        features = model.forward_features(x)
+    assert isinstance(model, MultiLabelNet) and isinstance(out, ModelOutput)
+    assert model.num_features == model.embed_dim == NUM_FEATURES[arch]
+    assert out.logits.shape == (2, 5) and out.embeddings.shape == (2, NUM_FEATURES[arch])
+    assert out.logits.dtype == out.embeddings.dtype == torch.float32
+    # Without a head the embeddings are the pooled features the classifier reads.
+    torch.testing.assert_close(out.embeddings, features)
+    torch.testing.assert_close(out.logits, model.classifier(features))
+
+
+def test_projection_head() -> None:
+    torch.manual_seed(0)
+    model = build_model("smallcnn", num_classes=4, proj_dim=16, proj_hidden_dim=32).eval()
+    assert (model.num_features, model.embed_dim) == (256, 16)
+    layers = [type(m) for m in model.head]
+    assert layers == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert (model.head[0].in_features, model.head[0].out_features, model.head[3].out_features) == (256, 32, 16)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        features = model.forward_features(x)
+    assert out.embeddings.shape == (3, 16) and out.logits.shape == (3, 4)
+    torch.testing.assert_close(out.embeddings, model.head(features))
+    # The classifier reads the pooled features, not the head's output.
+    torch.testing.assert_close(out.logits, model.classifier(features))
+    assert build_model("resnet18", 2, proj_dim=8).head[0].out_features == 512
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"proj_hidden_dim": 8}, "proj_dim is None"),
+        ({"proj_dim": 0}, "proj_dim"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
+def test_bad_sizes(kwargs: dict, match: str) -> None:
+    args = {"arch": "smallcnn", "num_classes": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        build_model(**args)
+
+
+def test_smallcnn_widths_and_channels_last() -> None:
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 3, widths=(8, 16, 24)).eval()
+    assert model.num_features == 24
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 24] and all(c.stride == (2, 2) for c in convs)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.embeddings, ref.embeddings, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="widths"):
+        SmallCNN(widths=())
+    with pytest.raises(ValueError, match="smallcnn"):
+        build_model("resnet18", 3, widths=(8,))
+
+
+def test_param_groups() -> None:
+    model = build_model("resnet18", 3, proj_dim=8)
+    model.backbone.conv1.weight.requires_grad_(False)
+    groups = param_groups(model, weight_decay=5e-4)
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+    decay_ids = {id(p) for p in groups[0]["params"]}
+    rest_ids = {id(p) for p in groups[1]["params"]}
+    # Reference by module type: weights of conv/linear layers decay, everything else does not.
+    expected_decay, expected_rest = set(), set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            conv_or_linear = isinstance(module, (nn.Conv2d, nn.Linear))
+            (expected_decay if conv_or_linear and name == "weight" else expected_rest).add(id(p))
+    assert decay_ids == expected_decay and rest_ids == expected_rest
+    assert len(groups[0]["params"]) == len(decay_ids) and len(groups[1]["params"]) == len(rest_ids)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert decay_ids | rest_ids == trainable and not decay_ids & rest_ids
+    assert id(model.backbone.conv1.weight) not in decay_ids | rest_ids
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d)
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters()}
+    bias_ids = {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    assert norm_ids and bias_ids and not (norm_ids | bias_ids) & decay_ids
+    torch.optim.SGD(groups, lr=0.1)  # accepted as optimizer groups
+    with pytest.raises(ValueError, match="weight_decay"):
+        param_groups(model, -1.0)
+
+
+def test_layernorm_and_shared_parameters_in_param_groups() -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.LayerNorm(4), shared)
+    decay, rest = (g["params"] for g in param_groups(model, 0.1))
+    assert [id(p) for p in decay] == [id(shared.weight)]
+    assert {id(p) for p in rest} == {id(shared.bias), id(model[1].weight), id(model[1].bias)} and len(rest) == 3
+
+
+def test_offline_imagenet_weights_error_says_how_to_proceed(offline: Path) -> None:
+    with pytest.raises(RuntimeError) as info:
+        build_model("resnet18", 3, weights="imagenet")
+    message = str(info.value)
+    filename = os.path.basename(RESNET18_V1.url)
+    for text in (RESNET18_V1.url, str(offline / filename), "IMAGENET1K_V1", "weights=None", "TORCH_HOME", "URLError"):
+        assert text in message
+    assert isinstance(info.value.__cause__, URLError)
+    with pytest.raises(RuntimeError, match="IMAGENET1K_V2"):
+        build_model("resnet50", 3, weights="IMAGENET1K_V2")
+
+
+def test_imagenet_weights_from_the_hub_cache(offline: Path) -> None:
+    """Following the error message (checkpoint copied into the hub folder) works without network."""
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None)
+    offline.mkdir(parents=True)
+    torch.save(reference.state_dict(), offline / os.path.basename(RESNET18_V1.url))
+    model = build_model("resnet18", 3, weights="IMAGENET1K_V1")
+    torch.testing.assert_close(model.backbone.conv1.weight, reference.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_local_state_dict(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("resnet18", 7, weights=path)
+    backbone = model.backbone.state_dict()
+    for key, value in reference.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(backbone[key], value), key
+    assert model.classifier.out_features == 7
+    assert build_model("resnet18", 7, weights=str(path)).backbone.conv1.weight.equal(reference.conv1.weight)
+
+    small = SmallCNN(widths=(8, 16))
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    loaded = build_model("smallcnn", 2, widths=(8, 16), weights=tmp_path / "small.pt")
+    assert loaded.backbone.features[0].weight.equal(small.features[0].weight)
+
+
+def test_bad_weights_files(tmp_path: Path) -> None:
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    mismatch = r"r18\.pth.*does not match the ResNet backbone.*shape mismatches.*layer1\.0\.conv1\.weight \(64, 64, 3"
+    with pytest.raises(ValueError, match=mismatch):
+        build_model("resnet50", 3, weights=tmp_path / "r18.pth")
+    torch.save(SmallCNN(widths=(8, 16)).state_dict(), tmp_path / "small.pt")
+    with pytest.raises(ValueError, match=r"small\.pt.*6 missing keys: \['features\.6\.weight'"):
+        build_model("smallcnn", 3, widths=(8, 16, 32), weights=tmp_path / "small.pt")
+    with pytest.raises(ValueError, match=r"small\.pt.*6 unexpected keys: \['features\.3\.weight'"):
+        build_model("smallcnn", 3, widths=(8,), weights=tmp_path / "small.pt")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"list\.pth.*expected a state dict"):
+        build_model("resnet18", 3, weights=tmp_path / "list.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pth.*not a readable"):
+        build_model("resnet18", 3, weights=tmp_path / "junk.pth")
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth.*IMAGENET1K_V1"):
+        build_model("resnet18", 3, weights=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="imagenet1k"):
+        build_model("resnet18", 3, weights="imagenet1k")
+    with pytest.raises(FileNotFoundError, match="existing state-dict file"):
+        build_model("smallcnn", 3, weights="imagenet")
+
+
+def test_unknown_arch_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="resnet101.*resnet50.*resnet18.*smallcnn") as info:
+        build_model("resnet34", 3)
+    assert "'resnet34'" in str(info.value)
