@@ -42,6 +42,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "smallcnn"  # smallcnn | resnet18 | resnet50 | resnet101
     weights: str | None = None  # None | imagenet | a torchvision weights name | a local .pth path
+    widths: list[int] | None = None  # stage widths of smallcnn (None: the model's default)
     proj_dim: int | None = None  # optional projection head; CLML then acts on its output
     channels_last: bool = False
     compile: bool = False
@@ -180,6 +181,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"config field {key!r}: expected a string, got {value!r}")
         return value
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config field {key!r}: expected a list, got {value!r}")
+        return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)

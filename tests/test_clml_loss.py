@@ -63,8 +63,7 @@ def test_terms_are_the_weighted_parts_of_the_loss():
     loss_fn = CLMLLoss(lam=0.7, delta=1.0, local_weight=2.0, global_weight=3.0)
     terms = loss_fn.terms(z, labels)
     local_ref = sum(
-        max(1.0, float(torch.linalg.svdvals(z[labels[:, k]]).sum())) if labels[:, k].any() else 1.0
-        for k in range(10)
+        max(1.0, float(torch.linalg.svdvals(z[labels[:, k]]).sum())) if labels[:, k].any() else 1.0 for k in range(10)
     )
     global_ref = float(torch.linalg.svdvals(z).sum())
     assert float(terms.local) == pytest.approx(2.0 * local_ref, rel=1e-10)
@@ -76,9 +75,7 @@ def test_terms_are_the_weighted_parts_of_the_loss():
 def test_static_padding_equals_compact_padding():
     z, labels = _draw(20, 40, 12, seed=6)
     compact, grad_compact = _value_and_grad(lambda e, y: group_nuclear_norms(e, y).sum(), z, labels)
-    static, grad_static = _value_and_grad(
-        lambda e, y: group_nuclear_norms(e, y, group_size=20).sum(), z, labels
-    )
+    static, grad_static = _value_and_grad(lambda e, y: group_nuclear_norms(e, y, group_size=20).sum(), z, labels)
     torch.testing.assert_close(compact, static, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_compact, grad_static, rtol=1e-10, atol=1e-12)
 
@@ -206,3 +203,10 @@ def test_bad_input_raises_a_clear_value_error(embeddings, labels, message):
 def test_negative_hyperparameters_are_rejected(field):
     with pytest.raises(ValueError, match=field):
         CLMLLoss(**{field: -1.0})
+
+
+def test_unchecked_non_finite_embeddings_give_nan_not_a_solver_error():
+    z = torch.randn(6, 4)
+    z[2, 1] = float("nan")
+    value = CLMLLoss(check_values=False)(z, torch.ones(6, 2))
+    assert torch.isnan(value)

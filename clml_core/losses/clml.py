@@ -30,6 +30,7 @@ scaled by S as well. The authors' release ignores the incoming gradient, which d
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -41,12 +42,15 @@ class _TraceSqrtPSD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gram: Tensor, rtol: float) -> Tensor:
+        # A non-finite matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
+        finite = torch.isfinite(gram).flatten(-2).all(-1)  # (...,)
+        gram = torch.where(finite[..., None, None], gram, torch.zeros_like(gram))
         evals, evecs = torch.linalg.eigh(gram)  # (..., n), (..., n, n); ascending
         tol = evals[..., -1:].clamp(min=0) * rtol**2  # (..., 1): singular-value tolerance, squared
         keep = evals > tol.clamp(min=torch.finfo(gram.dtype).tiny)
         root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()  # (..., n) singular values
         ctx.save_for_backward(evecs, torch.where(keep, 0.5 / root.clamp(min=torch.finfo(gram.dtype).tiny), 0.0))
-        return root.sum(-1)
+        return torch.where(finite, root.sum(-1), torch.full_like(root[..., 0], math.nan))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:

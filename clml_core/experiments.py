@@ -1,0 +1,255 @@
+"""The study's experiment grids, a resumable parallel runner, and the collection of their results.
+
+A run is named by its group, variant and seed and lives in ``root/group/variant/seed{seed}``. A run whose
+``results.json`` exists is skipped; one with a checkpoint is resumed, so an interrupted study continues where it
+stopped. Runs go through :func:`clml_core.train.train` in worker processes, one thread each.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from tqdm.auto import tqdm
+
+from clml_core.config import apply_updates, resolve_config
+
+#: Missing-label protocols of the main table, as config overrides of ``data``.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "75% left": {"protocol": "keep_fraction", "fraction": 0.75},
+    "40% left": {"protocol": "keep_fraction", "fraction": 0.4},
+    "single positive": {"protocol": "single_positive"},
+    "full labels": {"protocol": "full"},
+}
+
+#: The low-rank-term ablation: (local_weight, global_weight) of each variant.
+ABLATION_TERMS: dict[str, tuple[float, float]] = {
+    "base": (0.0, 0.0),
+    "+ local": (1.0, 0.0),
+    "+ global": (0.0, 1.0),
+    "+ both (CLML)": (1.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study: a preset plus nested overrides, under a readable name."""
+
+    group: str
+    variant: str
+    seed: int
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    labels: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # columns for the tables
+
+    def folder(self, root: Path) -> Path:
+        return Path(root) / _slug(self.group) / _slug(self.variant) / f"seed{self.seed}"
+
+    def config(self):
+        config = resolve_config(self.preset, overrides=self.overrides)
+        return apply_updates(config, {"seed": self.seed, "name": f"{self.group}/{self.variant}/s{self.seed}"})
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in text.replace("%", "pct").replace("+", "plus"))
+    return "_".join(part for part in keep.split("_") if part)
+
+
+def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                out[key] = _merge(out.get(key, {}), value)
+            else:
+                out[key] = value
+    return out
+
+
+def main_grid(
+    preset: str,
+    losses: Sequence[str],
+    protocols: Sequence[str],
+    seeds: Sequence[int],
+    overrides: dict[str, Any] | None = None,
+) -> list[RunSpec]:
+    """Every base loss x protocol, without and with CLML, for every seed."""
+    specs = []
+    for protocol in protocols:
+        for loss in losses:
+            for clml in (False, True):
+                variant = f"{loss} {'+ CLML' if clml else ''}".strip()
+                run_overrides = _merge(
+                    overrides or {},
+                    {"data": PROTOCOLS[protocol], "loss": {"base": loss}, "clml": {"enabled": clml}},
+                )
+                labels = {"protocol": protocol, "loss": loss, "clml": clml}
+                specs += [RunSpec(f"main/{protocol}", variant, seed, preset, run_overrides, labels) for seed in seeds]
+    return specs
+
+
+def ablation_grid(
+    preset: str, loss: str, protocol: str, seeds: Sequence[int], overrides: dict[str, Any] | None = None
+) -> list[RunSpec]:
+    """Base loss alone, + local, + global, + both, each with and without label correction, and the authors' CLML."""
+    specs = []
+    common = _merge(overrides or {}, {"data": PROTOCOLS[protocol], "loss": {"base": loss}})
+    for name, (local, global_) in ABLATION_TERMS.items():
+        for correction in (False, True):
+            clml = {"enabled": True, "local_weight": local, "global_weight": global_, "correction": correction}
+            if name == "base":
+                # Correction without a CLML term feeds the base loss: the correction's own effect.
+                clml = {"enabled": False, "correction": correction, "correct_base": correction}
+            variant = f"{name}{' + correction' if correction else ''}"
+            labels = {"terms": name, "correction": correction}
+            specs += [
+                RunSpec("ablation", variant, seed, preset, _merge(common, {"clml": clml}), labels) for seed in seeds
+            ]
+    released = _merge(common, {"clml": {"enabled": True, "authors_release": True}, "optim": {"loss_scale": 65536.0}})
+    labels = {"terms": "authors' release (AMP-scaled)", "correction": True}
+    specs += [RunSpec("ablation", "authors release", seed, preset, released, labels) for seed in seeds]
+    return specs
+
+
+def sensitivity_grid(
+    preset: str,
+    loss: str,
+    protocol: str,
+    seeds: Sequence[int],
+    lams: Sequence[float],
+    taus: Sequence[float],
+    overrides: dict[str, Any] | None = None,
+) -> list[RunSpec]:
+    """CLML with one of lambda or tau changed from the preset's value."""
+    common = _merge(overrides or {}, {"data": PROTOCOLS[protocol], "loss": {"base": loss}, "clml": {"enabled": True}})
+    specs = []
+    for lam in lams:
+        run = _merge(common, {"clml": {"lam": lam}})
+        specs += [RunSpec("sensitivity", f"lam={lam:g}", s, preset, run, {"param": "lam", "value": lam}) for s in seeds]
+    for tau in taus:
+        run = _merge(common, {"clml": {"tau": tau}})
+        specs += [RunSpec("sensitivity", f"tau={tau:g}", s, preset, run, {"param": "tau", "value": tau}) for s in seeds]
+    return specs
+
+
+def _run_one(args: tuple[RunSpec, str, bool]) -> str:
+    spec, root, force = args
+    from clml_core.train import train  # imported in the worker
+
+    folder = spec.folder(Path(root))
+    if force and folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    done = folder / "results.json"
+    if not done.exists():
+        config = apply_updates(spec.config(), {"progress": False, "threads": 1})
+        resume = (folder / "checkpoints" / "last.pt").exists()
+        train(config, folder, resume=resume)
+    (folder / "spec.json").write_text(
+        json.dumps({"group": spec.group, "variant": spec.variant, "seed": spec.seed, **spec.labels}) + "\n"
+    )
+    return spec.variant
+
+
+def _prepare_data(specs: Sequence[RunSpec]) -> None:
+    """Generate or load each distinct dataset once, before worker processes would race to create it."""
+    from clml_core.train import build_splits
+
+    seen = set()
+    for spec in specs:
+        data = spec.config().data
+        key = (data.dataset, data.root, data.synthetic_size, data.synthetic_seed, data.image_size)
+        if key not in seen:
+            seen.add(key)
+            build_splits(spec.config())
+
+
+def run_specs(specs: Iterable[RunSpec], root: str | Path, processes: int = 2, force: bool = False) -> Path:
+    """Train every run that has no results yet (resuming interrupted ones), ``processes`` at a time."""
+    specs = list(specs)
+    root = Path(root)
+    todo = [s for s in specs if force or not (s.folder(root) / "results.json").exists()]
+    tqdm.write(f"{len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to train in {root}")
+    jobs = [(spec, str(root), force) for spec in specs]
+    _prepare_data(todo)
+    if processes <= 1:
+        for job in tqdm(jobs, desc="runs"):
+            _run_one(job)
+        return root
+    context = multiprocessing.get_context("spawn")
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        with context.Pool(processes) as pool:
+            for _ in tqdm(pool.imap_unordered(_run_one, jobs), total=len(jobs), desc="runs"):
+                pass
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    return root
+
+
+def collect(root: str | Path, specs: Iterable[RunSpec] | None = None) -> pd.DataFrame:
+    """One row per finished run under ``root`` (or per given spec): its labels, key config fields and results."""
+    root = Path(root)
+    folders = (
+        [s.folder(root) for s in specs] if specs is not None else sorted(p.parent for p in root.rglob("spec.json"))
+    )
+    rows = []
+    for folder in folders:
+        if not (folder / "results.json").exists():
+            continue
+        spec = json.loads((folder / "spec.json").read_text())
+        results = json.loads((folder / "results.json").read_text())
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        rows.append(
+            {
+                **spec,
+                "folder": str(folder),
+                "lam": config["clml"]["lam"],
+                "tau": config["clml"]["tau"],
+                "test_map": results["test_map"],
+                "best_val_map": results["best_val_map"],
+                "best_epoch": results["best_epoch"],
+                "corr_precision": results.get("final_corr_precision"),
+                "corr_recall": results.get("final_corr_recall"),
+                "train_seconds": results.get("train_seconds"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def mean_std(frame: pd.DataFrame, by: Sequence[str], value: str = "test_map") -> pd.DataFrame:
+    """Mean, standard deviation (ddof=1) and count of ``value`` per group."""
+    grouped = frame.groupby(list(by), sort=False)[value]
+    return grouped.agg(
+        mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), n="count"
+    ).reset_index()
+
+
+def main_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The main comparison: per protocol and base loss, mean ± std without and with CLML, the difference, and
+    whether it exceeds the seed spread (|diff| > std without + std with)."""
+    stats = mean_std(frame, ["protocol", "loss", "clml"])
+    base = stats[~stats["clml"]].drop(columns="clml").set_index(["protocol", "loss"])
+    clml = stats[stats["clml"]].drop(columns="clml").set_index(["protocol", "loss"])
+    table = base.merge(clml, left_index=True, right_index=True, suffixes=("_base", "_clml"))
+    table["diff"] = table["mean_clml"] - table["mean_base"]
+    # NaN std (a single seed) compares False: no claim beyond the spread without a spread.
+    table["beyond_spread"] = table["diff"].abs() > (table["std_base"] + table["std_clml"])
+    return table.reset_index()
+
+
+def format_pm(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if np.isfinite(std) else f"{mean:.2f}"

@@ -1,0 +1,174 @@
+"""Run the whole study: every notebook through papermill under one parameter profile.
+
+    python -m clml_core.study --profile default            # the embedded benchmark on a CPU (the README's command)
+    python -m clml_core.study --profile smoke              # seconds per notebook (the tests use it)
+    python -m clml_core.study --profile paper -p DATA_ROOT=/data/coco   # ResNet101 at 448 px on a GPU
+    python -m clml_core.study --only 04_paper_figures      # re-render figures and tables from saved results
+
+Executed notebooks go to ``runs/<profile>/notebooks/``, training runs to ``runs/<profile>/``, figures and tables
+to ``figures/`` for the default profile (``runs/<profile>/figures/`` otherwise). Training runs whose results exist
+are skipped unless ``--force``, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clml_core.paths import FIGURES_DIR, NOTEBOOKS_DIR, RUNS_DIR
+from clml_core.runio import atomic_write_json, git_state
+
+NOTEBOOKS = ("00_data", "01_train", "02_ablation", "03_embeddings", "04_paper_figures")
+
+_LOSSES = ["bce", "focal", "asl", "hill", "splc"]
+_PROTOCOLS = ["75% left", "40% left", "single positive"]
+
+#: Notebook parameters of each profile; a notebook receives the ones its parameters cell declares.
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "SMOKE": True,
+        "PRESET": "smoke",
+        "SEED": 0,
+        "SEEDS": [0],
+        "LOSSES": ["bce", "hill"],
+        "PROTOCOLS": ["40% left", "single positive"],
+        "ABLATION_LOSS": "bce",
+        "ABLATION_PROTOCOL": "40% left",
+        "LAMS": [0.3],
+        "TAUS": [0.8],
+        "PROCESSES": 1,
+        "OVERRIDES": {"data": {"limit_train": 128}, "optim": {"epochs": 1}},
+    },
+    "default": {
+        "SMOKE": False,
+        "PRESET": "default",
+        "SEED": 0,
+        "SEEDS": [0, 1, 2],
+        "LOSSES": _LOSSES,
+        "PROTOCOLS": _PROTOCOLS,
+        "ABLATION_LOSS": "bce",
+        "ABLATION_PROTOCOL": "40% left",
+        "LAMS": [0.1, 0.3, 3.0],
+        "TAUS": [0.5, 0.7, 0.8],
+        "PROCESSES": 2,
+        "OVERRIDES": {},
+    },
+    "paper": {
+        "SMOKE": False,
+        "PRESET": "paper",
+        "SEED": 0,
+        "SEEDS": [0],
+        "LOSSES": _LOSSES,
+        "PROTOCOLS": _PROTOCOLS,
+        "ABLATION_LOSS": "hill",
+        "ABLATION_PROTOCOL": "40% left",
+        "LAMS": [0.3, 3.0],
+        "TAUS": [0.7],
+        "PROCESSES": 1,
+        "OVERRIDES": {},
+    },
+}
+
+
+def notebook_parameters(profile: str, run_root: Path, figures_dir: Path, force: bool, extra: dict[str, Any]) -> dict:
+    params = dict(PROFILES[profile])
+    params.update({"PROFILE": profile, "RUN_ROOT": str(run_root), "FIGURES_DIR": str(figures_dir), "FORCE": force})
+    params.update(extra)
+    return params
+
+
+def run_study(
+    profile: str = "default",
+    *,
+    only: Sequence[str] | None = None,
+    force: bool = False,
+    run_root: str | Path | None = None,
+    figures_dir: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Execute the notebooks in order; return the seconds each took (also written to ``run_root/study.json``)."""
+    import papermill
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    names = list(only) if only else list(NOTEBOOKS)
+    unknown = [name for name in names if name not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"unknown notebook(s) {unknown}; valid: {', '.join(NOTEBOOKS)}")
+    run_root = Path(run_root) if run_root else RUNS_DIR / profile
+    if figures_dir is None:
+        figures_dir = FIGURES_DIR if profile == "default" else run_root / "figures"
+    figures_dir = Path(figures_dir)
+    executed = run_root / "notebooks"
+    executed.mkdir(parents=True, exist_ok=True)
+    params = notebook_parameters(profile, run_root, figures_dir, force, extra or {})
+    seconds: dict[str, float] = {}
+    for name in names:
+        started = time.perf_counter()
+        source = NOTEBOOKS_DIR / f"{name}.ipynb"
+        print(f"[study:{profile}] {name} -> {executed / f'{name}.ipynb'}", flush=True)
+        declared = papermill.inspect_notebook(str(source))
+        papermill.execute_notebook(
+            str(source),
+            str(executed / f"{name}.ipynb"),
+            parameters={key: value for key, value in params.items() if key in declared},
+            kernel_name="python3",
+            cwd=str(NOTEBOOKS_DIR),
+            progress_bar=progress,
+        )
+        seconds[name] = round(time.perf_counter() - started, 1)
+    record = {
+        "profile": profile,
+        "seconds": seconds,
+        "total_seconds": round(sum(seconds.values()), 1),
+        "parameters": params,
+        **git_state(),
+    }
+    atomic_write_json(run_root / ("study.json" if only is None else f"study_{'_'.join(names)}.json"), record)
+    print(f"[study:{profile}] done in {record['total_seconds']:.0f} s: {json.dumps(seconds)}", flush=True)
+    return seconds
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m clml_core.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    parser.add_argument("--only", nargs="+", choices=NOTEBOOKS, help="run only these notebooks")
+    parser.add_argument("--force", action="store_true", help="retrain runs whose results exist")
+    parser.add_argument("--run-root", default=None, help="default: runs/<profile>")
+    parser.add_argument("--figures-dir", default=None, help="default: figures/ (default profile)")
+    parser.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra notebook parameter, the value read as YAML (e.g. -p DATA_ROOT=/data/coco)",
+    )
+    args = parser.parse_args(argv)
+    extra = {}
+    for item in args.param:
+        if "=" not in item:
+            parser.error(f"--param {item!r}: expected NAME=VALUE")
+        name, value = item.split("=", 1)
+        extra[name] = yaml.safe_load(value)
+    run_study(
+        args.profile,
+        only=args.only,
+        force=args.force,
+        run_root=args.run_root,
+        figures_dir=args.figures_dir,
+        extra=extra,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The training engine end to end on the tiny embedded benchmark: files, selection, determinism, resumption, NaN."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from clml_core import train as train_module
+from clml_core.config import resolve_config
+from clml_core.losses import CLMLLoss
+from clml_core.losses.authors import AuthorsCLMLLoss
+from clml_core.paths import PROJ_ROOT
+from clml_core.train import NonFiniteLossError, train
+
+FAST = {
+    "progress": False,
+    "threads": 1,
+    "data": {"limit_train": 192},
+    "optim": {"epochs": 2, "batch_size": 32},
+    "clml": {"correction_start_epoch": 1},
+}
+
+
+def _config(**sections):
+    overrides = {key: dict(value) if isinstance(value, dict) else value for key, value in FAST.items()}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            overrides.setdefault(key, {}).update(value)
+        else:
+            overrides[key] = value
+    return resolve_config("smoke", overrides=overrides)
+
+
+def _metrics(run):
+    return pd.read_csv(run / "metrics.csv").drop(columns=["seconds"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "a"
+    results = train(_config(optim={"ema_decay": 0.9}), run)
+    return run, results
+
+
+def test_run_folder_holds_everything(finished_run):
+    run, results = finished_run
+    for name in (
+        "config.yaml",
+        "run_info.json",
+        "metrics.csv",
+        "results.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "test_embeddings.npz",
+    ):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "results.json").read_text())
+    assert {"test_map", "best_val_map", "best_epoch"} <= set(saved)
+    assert saved["test_map"] == pytest.approx(results["test_map"])
+    assert 0 <= saved["test_map"] <= 100
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["versions"]["torch"] == torch.__version__.split("+")[0] or info["versions"]["torch"]
+    assert "git_sha" in info and len(info["observed_train_checksum"]) > 16
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1]
+    # Correction starts at epoch 1: no correction statistics before, real ones after.
+    assert pd.isna(metrics.loc[0, "corr_precision"]) and metrics.loc[1, "corr_recovered"] >= 0
+
+
+def test_selection_uses_validation_only(finished_run):
+    run, results = finished_run
+    metrics = pd.read_csv(run / "metrics.csv")
+    scores = metrics[["val_map", "val_map_ema"]]
+    assert results["best_val_map"] == pytest.approx(scores.max().max())
+    assert results["best_epoch"] == int(scores.max(axis=1).idxmax())
+    assert not any("test" in column for column in metrics.columns)
+
+
+def test_same_seed_gives_same_metrics(finished_run, tmp_path):
+    run, _ = finished_run
+    train(_config(optim={"ema_decay": 0.9}), tmp_path / "b")
+    pd.testing.assert_frame_equal(_metrics(run), _metrics(tmp_path / "b"))
+
+
+def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(finished_run, tmp_path):
+    run, results = finished_run
+    config = _config(optim={"ema_decay": 0.9}, checkpoint_every=2)
+    # 6 steps per epoch: stop at step 9 (epoch 1, step 3); the last checkpoint is at epoch 1, step 2.
+    assert train(config, tmp_path / "c", max_steps=9) == {}
+    assert not (tmp_path / "c" / "results.json").exists()
+    resumed = train(config, tmp_path / "c", resume=True)
+    pd.testing.assert_frame_equal(_metrics(run), _metrics(tmp_path / "c"))
+    assert resumed["test_map"] == results["test_map"]
+
+
+def test_existing_run_is_not_overwritten(finished_run):
+    run, _ = finished_run
+    with pytest.raises(FileExistsError, match="resume"):
+        train(_config(optim={"ema_decay": 0.9}), run)
+
+
+def test_resume_with_another_config_is_refused(finished_run, tmp_path):
+    config = _config(checkpoint_every=2)
+    train(config, tmp_path / "d", max_steps=3)
+    with pytest.raises(ValueError, match="clml.lam"):
+        train(_config(checkpoint_every=2, clml={"lam": 0.5}), tmp_path / "d", resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    config = _config()
+    original = train_module.Trainer._train_step
+
+    def poisoned(self, images, observed, index):
+        if self.epoch == 1:
+            images = images * float("nan")
+        return original(self, images, observed, index)
+
+    monkeypatch.setattr(train_module.Trainer, "_train_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match="epoch 1 step 0.*last good checkpoint"):
+        train(config, tmp_path / "e")
+    state = torch.load(tmp_path / "e" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["step"] == 0
+    assert all(torch.isfinite(p).all() for p in state["model"].values() if p.is_floating_point())
+
+
+def _clml_embedding_grad(loss_fn, scaler):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 32)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(24, 16)
+    labels = torch.rand(24, 6) < 0.4
+    loss = loss_fn(layer(x), labels)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    return layer.weight.grad.clone()
+
+
+def test_clml_gradient_survives_the_amp_grad_scaler():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    reference = _clml_embedding_grad(CLMLLoss(), None)
+    scaled = _clml_embedding_grad(CLMLLoss(), scaler)
+    torch.testing.assert_close(scaled, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_the_authors_release_loses_the_gradient_under_the_scaler():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    reference = _clml_embedding_grad(AuthorsCLMLLoss(), None)
+    scaled = _clml_embedding_grad(AuthorsCLMLLoss(), scaler)
+    torch.testing.assert_close(scaled, reference / 2.0**16, rtol=1e-5, atol=1e-12)
+    # Without scaling the two implementations agree (lam = 1).
+    torch.testing.assert_close(reference, _clml_embedding_grad(CLMLLoss(), None), rtol=1e-4, atol=1e-6)
+
+
+def test_static_loss_scale_changes_nothing_for_our_clml_but_starves_the_released_one(tmp_path):
+    """optim.loss_scale emulates AMP loss scaling on CPU (exact: the scale is a power of two)."""
+    runs = {}
+    for authors in (False, True):
+        for scale in (0.0, 65536.0):
+            config = _config(optim={"epochs": 1, "loss_scale": scale}, clml={"authors_release": authors})
+            name = f"authors{int(authors)}-scale{int(scale)}"
+            train(config, tmp_path / name)
+            runs[authors, scale] = _metrics(tmp_path / name)
+    pd.testing.assert_frame_equal(runs[False, 0.0], runs[False, 65536.0])
+    assert runs[True, 0.0]["train_clml"].iloc[0] != runs[True, 65536.0]["train_clml"].iloc[0]
+
+
+def test_cli_trains_the_smoke_preset(tmp_path):
+    out = tmp_path / "cli"
+    command = [
+        sys.executable,
+        "-m",
+        "clml_core.train",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        "progress=false",
+        "threads=1",
+        "data.limit_train=96",
+        "optim.epochs=1",
+    ]
+    done = subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test mAP" in done.stdout and (out / "results.json").is_file()
+    again = subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_cli_rejects_a_bad_override(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "clml_core.train",
+        "--preset",
+        "smoke",
+        "--out",
+        str(tmp_path / "x"),
+        "clml.enabled=maybe",
+    ]
+    done = subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "clml.enabled" in done.stderr and "boolean" in done.stderr
