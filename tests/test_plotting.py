@@ -1,0 +1,316 @@
+"""Plot helpers draw what they are given (checked on the artists), files are written, tables summarise correctly."""
+
+from __future__ import annotations
+
+import itertools
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.colors as mcolors  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.collections import PathCollection  # noqa: E402
+
+from clml_core import plotting  # noqa: E402
+from clml_core.plotting import STYLE  # noqa: E402
+
+CLASSES = ["cat", "dog", "car", "tree"]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    plotting.apply_style()
+    yield
+    plt.close("all")
+
+
+def _bar_heights(ax) -> list[float]:
+    return [patch.get_height() for patch in ax.patches]
+
+
+def _same_color(a, b) -> bool:
+    return np.allclose(mcolors.to_rgba(a), mcolors.to_rgba(b))
+
+
+def _runs() -> pd.DataFrame:
+    """Six runs: two losses x without/with CLML, with uneven seed counts and hand-checkable values."""
+    rows = [
+        ("bce", False, 0, 50.0),
+        ("bce", False, 1, 52.0),
+        ("bce", True, 0, 55.0),
+        ("bce", True, 1, 57.0),
+        ("hill", False, 0, 60.0),
+        ("hill", True, 0, 60.5),
+    ]
+    frame = pd.DataFrame(rows, columns=["loss", "clml", "seed", "test_map"])
+    frame["protocol"] = "40% left"
+    frame["corr_precision"] = [np.nan, np.nan, 0.8, 0.6, np.nan, 0.7]
+    frame["corr_recall"] = [np.nan, np.nan, 0.2, 0.4, np.nan, 0.3]
+    return frame
+
+
+# ----------------------------------------------------------------------------------------------------- files
+
+
+def test_save_figure_writes_png_and_pdf(tmp_path):
+    fig, ax = plotting.panels()
+    ax.plot([0, 1], [0, 1])
+    paths = plotting.save_figure(fig, tmp_path / "sub" / "figure.v1")
+    assert [p.name for p in paths] == ["figure.v1.png", "figure.v1.pdf"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+    first = paths[1].read_bytes()
+    plotting.save_figure(fig, tmp_path / "sub" / "figure.v1")
+    assert paths[1].read_bytes() == first  # no creation date: re-rendering gives the same file
+
+
+def test_panels_size_follows_style():
+    fig, axes = plotting.panels(2, 3)
+    assert axes.shape == (2, 3)
+    width, height = STYLE["panel_size"]
+    assert np.allclose(fig.get_size_inches(), (3 * width, 2 * height))
+
+
+# ------------------------------------------------------------------------------------------- data statistics
+
+
+def test_labels_per_image_bars_draws_shares():
+    fig, ax = plt.subplots()
+    plotting.labels_per_image_bars(ax, {"full": [0, 2, 6, 2], "single positive": [0, 10]})
+    assert np.allclose(_bar_heights(ax), [0, 0.2, 0.6, 0.2, 0, 1.0])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["full (mean 2.00)", "single positive (mean 1.00)"]
+    with pytest.raises(ValueError, match="positive sum"):
+        plotting.labels_per_image_bars(ax, {"empty": [0, 0]})
+    with pytest.raises(ValueError, match="empty"):
+        plotting.labels_per_image_bars(ax, {})
+
+
+def test_class_frequency_bars():
+    fig, ax = plt.subplots()
+    plotting.class_frequency_bars(ax, {"full": [0.5, 0.3, 0.2, 0.1], "40% left": [0.2, 0.1, 0.1, 0.05]}, CLASSES)
+    assert np.allclose(_bar_heights(ax), [0.5, 0.3, 0.2, 0.1, 0.2, 0.1, 0.1, 0.05])
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+    with pytest.raises(ValueError, match="3 values for 4 classes"):
+        plotting.class_frequency_bars(ax, {"full": [0.5, 0.3, 0.2]}, CLASSES)
+
+
+def test_cooccurrence_heatmap_shows_the_matrix():
+    matrix = np.random.default_rng(0).random((4, 4))
+    fig, ax = plt.subplots()
+    plotting.cooccurrence_heatmap(ax, matrix, CLASSES, label="P(col | row)")
+    mesh = ax.collections[0]
+    assert np.allclose(np.asarray(mesh.get_array()).reshape(4, 4), matrix)
+    assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES
+    with pytest.raises(ValueError, match="shape"):
+        plotting.cooccurrence_heatmap(ax, matrix[:3], CLASSES)
+
+
+def test_sample_image_grid_colours_observed_and_missing():
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([[1, 1, 0, 0], [0, 0, 1, 0], [1, 0, 1, 1]])
+    observed = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    fig, axes = plt.subplots(2, 2)
+    plotting.sample_image_grid(axes, images, labels, observed, CLASSES, title="40% left")
+    flat = axes.ravel()
+    assert [len(ax.images) for ax in flat] == [1, 1, 1, 0]
+    assert not flat[3].axison
+    np.testing.assert_array_equal(flat[1].images[0].get_array(), images[1])
+    for ax, full, seen in zip(flat, labels, observed):
+        texts = {t.get_text(): t.get_color() for t in ax.texts}
+        assert set(texts) == {CLASSES[c] for c in np.flatnonzero(full)}
+        for col in np.flatnonzero(full):
+            expected = STYLE["observed"] if seen[col] else STYLE["missing"]
+            assert _same_color(texts[CLASSES[col]], expected)
+    assert len(fig.legends) == 1 and fig.legends[0].get_title().get_text() == "40% left"
+    with pytest.raises(ValueError, match=r"observed\[0, 2\]"):
+        plotting.sample_image_grid(axes, images, labels, labels | np.array([0, 0, 1, 0]), CLASSES)
+    with pytest.raises(ValueError, match="3 images for 2 axes"):
+        plotting.sample_image_grid(axes[0], images, labels, observed, CLASSES)
+
+
+# ------------------------------------------------------------------------------------------- learning curves
+
+
+def _metrics(correction: bool) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "epoch": [0, 1, 2],
+            "train_loss": [900.0, 500.0, 300.0],
+            "train_base": [800.0, 450.0, 280.0],
+            "train_clml": [100.0, 50.0, 20.0],
+            "train_local": [110.0, 60.0, 30.0],
+            "train_global": [90.0, 80.0, 70.0],
+            "corr_precision": [np.nan, 0.7, 0.8] if correction else [np.nan] * 3,
+            "corr_recall": [np.nan, 0.1, 0.3] if correction else [np.nan] * 3,
+            "val_map": [30.0, 45.0, 44.0],
+        }
+    )
+
+
+def test_loss_curves_plots_nonzero_terms_per_epoch():
+    metrics = _metrics(True)
+    fig, ax = plt.subplots()
+    plotting.loss_curves(ax, metrics)
+    assert len(ax.lines) == 5
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [1, 2, 3])
+    assert ax.get_xlim() == (0.5, 3.5)
+    np.testing.assert_array_equal(ax.lines[4].get_ydata(), [90.0, 80.0, 70.0])
+    assert ax.get_yscale() == "symlog"
+    base_only = metrics.assign(train_clml=0.0, train_local=0.0, train_global=0.0)
+    fig, ax = plt.subplots()
+    plotting.loss_curves(ax, base_only)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["total", "base loss"]
+    with pytest.raises(ValueError, match="'epoch'"):
+        plotting.loss_curves(ax, metrics.drop(columns="epoch"))
+
+
+def test_val_map_curve_marks_best_epoch():
+    fig, ax = plt.subplots()
+    plotting.val_map_curve(ax, _metrics(True).assign(val_map_ema=[20.0, 30.0, 46.0]))
+    assert len(ax.lines) == 2
+    marks = [c.get_offsets()[0].tolist() for c in ax.collections]
+    assert marks == [[2.0, 45.0], [3.0, 46.0]]
+
+
+def test_correction_curves_active_and_inactive():
+    fig, ax = plt.subplots()
+    plotting.correction_curves(ax, _metrics(True))
+    assert len(ax.lines) == 2
+    np.testing.assert_array_equal(ax.lines[1].get_ydata(), [np.nan, 0.1, 0.3])
+    fig, ax = plt.subplots()
+    plotting.correction_curves(ax, _metrics(False))
+    assert not ax.lines
+    assert "inactive" in ax.texts[0].get_text()
+
+
+# ---------------------------------------------------------------------------------------- results over seeds
+
+
+def test_grouped_points_mean_std_and_seed_dots():
+    runs = _runs()
+    fig, ax = plt.subplots()
+    colors = {False: STYLE["without_clml"], True: STYLE["with_clml"]}
+    plotting.grouped_points(ax, runs, "loss", "clml", hue_labels={False: "base", True: "+ CLML"}, colors=colors)
+    without, with_ = ax.containers  # one error-bar container per hue, groups bce then hill
+    np.testing.assert_allclose(without.lines[0].get_ydata(), [51.0, 60.0])
+    np.testing.assert_allclose(with_.lines[0].get_ydata(), [56.0, 60.5])
+    np.testing.assert_allclose(without.lines[0].get_xdata(), [-0.15, 0.85])  # dodged by 0.6 / 2 hues
+    np.testing.assert_allclose(with_.lines[0].get_xdata(), [0.15, 1.15])
+    assert _same_color(without.lines[0].get_color(), STYLE["without_clml"])
+    segments = without.lines[2][0].get_segments()
+    assert np.allclose([s[1, 1] - s[0, 1] for s in segments], [2 * np.std([50, 52], ddof=1), 0.0])  # ± std; 1 seed: 0
+    dots = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert sorted(np.concatenate([c.get_offsets()[:, 1] for c in dots])) == sorted(runs["test_map"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bce", "hill"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["base", "+ CLML"]
+    assert ax.get_ylabel() == "test mAP (%)"
+
+
+def test_sensitivity_plot_band_and_baseline():
+    runs = pd.DataFrame({"value": [3.0, 3.0, 0.1, 0.1, 1.0], "test_map": [40.0, 42.0, 50.0, 54.0, 47.0]})
+    fig, ax = plt.subplots()
+    plotting.sensitivity_plot(ax, runs, baseline=[45.0, 47.0], log_x=True, label="lam")
+    line = ax.lines[0]
+    np.testing.assert_array_equal(line.get_xdata(), [0.1, 1.0, 3.0])
+    np.testing.assert_array_equal(line.get_ydata(), [52.0, 47.0, 41.0])
+    band = ax.collections[0].get_paths()[0].vertices
+    assert np.isclose(band[:, 1].max(), 52.0 + np.std([50, 54], ddof=1))
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.1", "1", "3"]
+    assert np.allclose(ax.lines[1].get_ydata(), 46.0)  # the baseline's mean
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lam", "without CLML"]
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+
+
+def _slow_label_set_groups(labels, classes, n_groups, min_size, min_labels, other="other"):
+    counts: dict[tuple[int, ...], int] = {}
+    for row in labels:
+        key = tuple(int(c) for c in np.flatnonzero(row))
+        if len(key) >= min_labels:
+            counts[key] = counts.get(key, 0) + 1
+    named = {" + ".join(classes[c] for c in key): n for key, n in counts.items() if n >= min_size}
+    chosen = sorted(named, key=lambda name: (-named[name], name))[:n_groups]
+    out = []
+    for row in labels:
+        name = " + ".join(classes[c] for c in np.flatnonzero(row))
+        out.append(name if name in chosen else other)
+    return out
+
+
+def test_label_set_groups_hand_example():
+    labels = np.array([[1, 1, 0, 0]] * 3 + [[0, 0, 1, 1]] * 2 + [[1, 0, 0, 0]] * 5 + [[0, 1, 1, 0]])
+    groups = plotting.label_set_groups(labels, CLASSES, n_groups=5, min_size=2, min_labels=2)
+    assert groups.tolist() == ["cat + dog"] * 3 + ["car + tree"] * 2 + ["other"] * 6
+    singletons = plotting.label_set_groups(labels, CLASSES, n_groups=1, min_size=2, min_labels=1)
+    assert singletons.tolist() == ["other"] * 5 + ["cat"] * 5 + ["other"]
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        plotting.label_set_groups(labels[:, :3], CLASSES)
+
+
+@pytest.mark.parametrize("n_groups, min_size, min_labels", list(itertools.product([1, 3, 6], [1, 3], [1, 2])))
+def test_label_set_groups_matches_slow_reference(n_groups, min_size, min_labels):
+    labels = (np.random.default_rng(n_groups * 10 + min_size).random((200, 4)) < 0.35).astype(int)
+    expected = _slow_label_set_groups(labels, CLASSES, n_groups, min_size, min_labels)
+    got = plotting.label_set_groups(labels, CLASSES, n_groups, min_size, min_labels)
+    assert got.tolist() == expected
+
+
+def test_embedding_scatter_colours_groups_and_greys_the_rest():
+    coords = np.random.default_rng(0).normal(size=(10, 2))
+    groups = ["a"] * 2 + ["other"] * 5 + ["b"] * 3
+    fig, ax = plt.subplots()
+    plotting.embedding_scatter(ax, coords, groups)
+    assert [len(c.get_offsets()) for c in ax.collections] == [5, 3, 2]  # other, then by decreasing size
+    assert _same_color(ax.collections[0].get_facecolor()[0], STYLE["other"])
+    np.testing.assert_allclose(ax.collections[2].get_offsets(), coords[:2])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["other", "b", "a"]
+    with pytest.raises(ValueError, match="coords must be"):
+        plotting.embedding_scatter(ax, coords[:, :1], groups)
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+
+def test_main_summary_numbers_and_undefined_spread():
+    table = plotting.main_summary(_runs())
+    bce = table.set_index("loss").loc["bce"]
+    std = np.std([50, 52], ddof=1)
+    assert (bce["without CLML_mean"], bce["with CLML_mean"], bce["diff"]) == (51.0, 56.0, 5.0)
+    assert np.isclose(bce["without CLML_std"], std) and np.isclose(bce["with CLML_std"], std)
+    assert bool(bce["beyond seed spread"]) == bool(5.0 > 2 * std)
+    hill = table.set_index("loss").loc["hill"]
+    assert pd.isna(hill["beyond seed spread"])  # one seed: no spread to compare with
+    assert hill["n seeds"] == "1"
+    text = plotting.format_summary(table)
+    assert text.columns.tolist() == ["protocol", "loss", "without CLML", "with CLML", "diff", "beyond seed spread",
+                                     "n seeds"]  # fmt: skip
+    assert text.iloc[0].tolist() == ["40% left", "bce", "51.00 ± 1.41", "56.00 ± 1.41", "+5.00", "yes", "2"]
+    assert text.iloc[1].tolist()[2:6] == ["60.00", "60.50", "+0.50", "n/a"]
+
+
+def test_seed_summary_includes_correction_quality():
+    table = plotting.seed_summary(_runs(), ["loss", "clml"])
+    row = table[(table["loss"] == "bce") & table["clml"]].iloc[0]
+    assert np.isclose(row["corr_precision_mean"], 0.7) and np.isclose(row["corr_recall_mean"], 0.3)
+    assert row["n seeds"] == 2
+    base = table[(table["loss"] == "bce") & ~table["clml"]].iloc[0]
+    assert pd.isna(base["corr_precision_mean"])
+    text = plotting.format_summary(table)
+    assert text.columns.tolist() == ["loss", "clml", "mAP", "corr_precision", "corr_recall", "n seeds"]
+    assert text.iloc[0].tolist() == ["bce", "no", "51.00 ± 1.41", "n/a", "n/a", "2"]
+
+
+def test_markdown_table_and_save_table(tmp_path):
+    table = pd.DataFrame({"name": ["a|b", "c"], "mAP_mean": [1.0, 2.5], "mAP_std": [0.5, np.nan]})
+    md = plotting.markdown_table(plotting.format_summary(table))
+    assert md.splitlines() == ["| name | mAP |", "|---|---|", "| a\\|b | 1.00 ± 0.50 |", "| c | 2.50 |"]
+    csv, md_path = plotting.save_table(table, tmp_path / "t" / "table")
+    pd.testing.assert_frame_equal(pd.read_csv(csv), table)
+    assert md_path.read_text() == md
