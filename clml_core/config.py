@@ -25,7 +25,7 @@ class DataConfig:
     test_split: str = ""  # e.g. val2014, test; "" = the dataset's default
     synthetic_size: str = "default"  # size preset of the embedded benchmark: tiny | default
     synthetic_seed: int = 0  # the generated dataset's own seed (independent of the run seed)
-    image_size: int = 64
+    image_size: int = 32
     protocol: str = "keep_fraction"  # full | keep_fraction | single_positive | file
     fraction: float = 0.4  # kept share of positives for keep_fraction
     observed_file: str = ""  # pinned observed training labels in the split-file format (protocol=file)
@@ -107,17 +107,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "name": "smoke",
         "data": {"synthetic_size": "tiny", "image_size": 32},
-        "model": {"arch": "smallcnn"},
+        "model": {"arch": "smallcnn", "widths": [16, 32, 64, 128]},
         "clml": {"enabled": True, "correction_start_epoch": 1},
         "optim": {"epochs": 2, "batch_size": 32, "lr": 2e-3},
     },
     # The embedded benchmark at the size the CPU study uses.
     "default": {
         "name": "default",
-        "data": {"synthetic_size": "default", "image_size": 64},
-        "model": {"arch": "smallcnn"},
+        "data": {"synthetic_size": "default", "image_size": 32},
+        "model": {"arch": "smallcnn", "widths": [16, 32, 64, 128]},
         "clml": {"enabled": True},
-        "optim": {"epochs": 8, "batch_size": 64, "lr": 2e-3},
+        "optim": {"epochs": 8, "batch_size": 32, "lr": 2e-3},
     },
     # The authors' recipe: ResNet101 at 448 px, Adam 1e-4, OneCycle, weight decay 1e-4 off bias and norm layers,
     # EMA 0.9997, RandAugment + Cutout, batch 64, 80 epochs, fp16 AMP. Needs a GPU and a dataset root.

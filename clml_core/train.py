@@ -47,12 +47,14 @@ from clml_core.data import (
     single_positive,
     train_val_split,
 )
+from clml_core.data.cache import build_packed_cache
 from clml_core.data.synthetic import SyntheticConfig, load_synthetic
 from clml_core.data.transforms import eval_transform, train_transform
 from clml_core.losses import CLMLLoss, make_base_loss
 from clml_core.losses.authors import AuthorsCLMLLoss
 from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
 from clml_core.models import MultiLabelNet, build_model, param_groups
+from clml_core.paths import DATA_DIR
 from clml_core.runio import (
     atomic_torch_save,
     atomic_write_json,
@@ -137,17 +139,37 @@ def build_splits(config: TrainConfig) -> Splits:
     if data.val_labels == "full":
         val = val.with_observed(val.labels)
     if data.packed_cache and data.dataset != "synthetic":
-        from clml_core.data.cache import build_packed_cache
-
-        cache_size = data.image_size
-        train, val, test = (build_packed_cache(ds, cache_size).dataset(ds) for ds in (train, val, test))
+        caches = DATA_DIR / "cache" / data.dataset
+        train, val, test = (
+            build_packed_cache(ds, data.image_size, caches / f"{name}-{data.image_size}px.npy").dataset(ds)
+            for name, ds in (("train", train), ("val", val), ("test", test))
+        )
     size = data.image_size
     augment = data.augment == "authors"
     return Splits(
-        train=train.with_transform(train_transform(size, randaugment=augment, cutout=augment)),
-        val=val.with_transform(eval_transform(size)),
-        test=test.with_transform(eval_transform(size)),
+        train=train.with_transform(
+            train_transform(size, randaugment=True, cutout=True) if augment else _plain(train, size)
+        ),
+        val=val.with_transform(_plain(val, size)),
+        test=test.with_transform(_plain(test, size)),
     )
+
+
+def _plain(dataset: MultiLabelDataset, size: int):
+    """No per-item work for in-memory images of the right size: batches are converted to float on the device."""
+    if dataset.image_paths is None and tuple(dataset.read_image(0).shape[-2:]) == (size, size):
+        return None
+    return eval_transform(size)
+
+
+def _to_input(images: Tensor, config: TrainConfig, device: torch.device) -> Tensor:
+    """A batch (B, 3, H, W) on the device as float in [0, 1] (uint8 batches are converted here)."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)
+    if config.model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 class _SeededItems(torch.utils.data.Dataset):
@@ -186,8 +208,9 @@ def _train_batches(
         order[(step * world + rank) * batch : (step * world + rank + 1) * batch].tolist()
         for step in range(start_step, steps)
     ]
+    items = _SeededItems(dataset, config.seed, epoch) if config.data.augment != "none" else dataset
     loader = torch.utils.data.DataLoader(
-        _SeededItems(dataset, config.seed, epoch),
+        items,
         batch_sampler=batches,
         num_workers=config.data.workers,
         pin_memory=torch.cuda.is_available(),
@@ -242,9 +265,7 @@ def predict(
     model.eval()
     scores, targets, embeds = [], [], []
     for images, observed, _ in _eval_loader(dataset, config):
-        images = images.to(device, non_blocking=True)
-        if config.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = _to_input(images, config, device)
         with _autocast(config, device):
             out = model(images)
         scores.append(torch.sigmoid(out.logits.float()).cpu())
@@ -394,10 +415,8 @@ class Trainer:
 
     def _train_step(self, images: Tensor, observed: Tensor, index: Tensor) -> None:
         config, device = self.config, self.device
-        images = images.to(device, non_blocking=True)
+        images = _to_input(images, config, device)
         observed = observed.to(device, non_blocking=True)
-        if config.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         clml = config.clml
         correcting = (
             (clml.enabled or clml.authors_release) and clml.correction and self.epoch >= clml.correction_start_epoch
