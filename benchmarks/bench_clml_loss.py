@@ -38,9 +38,7 @@ def time_ms(step: Callable[[], None], device: torch.device, repeats: int) -> flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--positives", type=float, default=3.0, help="mean positive labels per row")
@@ -57,9 +55,7 @@ def main() -> None:
         for dim in (512, 2048):
             for classes in (20, 80):
                 z = torch.randn(batch, dim, generator=generator).to(device)
-                labels = (torch.rand(batch, classes, generator=generator) < args.positives / classes).to(
-                    device
-                )
+                labels = (torch.rand(batch, classes, generator=generator) < args.positives / classes).to(device)
 
                 def ours(z: torch.Tensor = z, labels: torch.Tensor = labels) -> None:
                     leaf = z.detach().requires_grad_()
@@ -71,9 +67,7 @@ def main() -> None:
 
                 t_ours = time_ms(ours, device, args.repeats)
                 t_loop = time_ms(loop, device, args.repeats)
-                print(
-                    f"| {batch} | {dim} | {classes} | {t_ours:.2f} | {t_loop:.2f} | {t_loop / t_ours:.1f}x |"
-                )
+                print(f"| {batch} | {dim} | {classes} | {t_ours:.2f} | {t_loop:.2f} | {t_loop / t_ours:.1f}x |")
 
 
 if __name__ == "__main__":
