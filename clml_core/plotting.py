@@ -77,6 +77,7 @@ def panels(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
     ``plt.subplots`` keywords pass through."""
     width, height = STYLE["panel_size"]
     kwargs.setdefault("figsize", (width * ncols, height * nrows))
+    kwargs.setdefault("layout", "constrained")
     return plt.subplots(nrows, ncols, **kwargs)
 
 

@@ -122,6 +122,7 @@ def run_study(
             kernel_name="python3",
             cwd=str(NOTEBOOKS_DIR),
             progress_bar=progress,
+            log_output=progress,  # stream the notebook's own progress (runs trained, ...) to the console
         )
         seconds[name] = round(time.perf_counter() - started, 1)
     record = {

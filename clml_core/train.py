@@ -418,8 +418,11 @@ class Trainer:
         images = _to_input(images, config, device)
         observed = observed.to(device, non_blocking=True)
         clml = config.clml
+        # Correction feeds the CLML groups, and the base loss too with correct_base (also without a CLML term).
         correcting = (
-            (clml.enabled or clml.authors_release) and clml.correction and self.epoch >= clml.correction_start_epoch
+            clml.correction
+            and (clml.enabled or clml.authors_release or clml.correct_base)
+            and self.epoch >= clml.correction_start_epoch
         )
         with _autocast(config, device):
             out = self.net(images)

@@ -205,3 +205,41 @@ def test_cli_rejects_a_bad_override(tmp_path):
     ]
     done = subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "clml.enabled" in done.stderr and "boolean" in done.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_trains_the_smoke_preset(tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "clml_core.train",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        "progress=false",
+        "threads=1",
+        "data.limit_train=128",
+        "optim.epochs=2",
+        "clml.correction_start_epoch=1",
+    ]
+    done = subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1] and metrics["train_clml"].abs().gt(0).all()
+    assert 0 <= json.loads((out / "results.json").read_text())["test_map"] <= 100
+
+
+def test_correction_can_feed_the_base_loss_without_a_clml_term(tmp_path):
+    train(_config(clml={"enabled": False, "correct_base": True}), tmp_path / "f")
+    metrics = pd.read_csv(tmp_path / "f" / "metrics.csv")
+    assert pd.isna(metrics.loc[0, "corr_recall"]) and pd.notna(metrics.loc[1, "corr_recall"])
+    assert (metrics["train_clml"] == 0).all()
