@@ -210,3 +210,19 @@ def test_unchecked_non_finite_embeddings_give_nan_not_a_solver_error():
     z[2, 1] = float("nan")
     value = CLMLLoss(check_values=False)(z, torch.ones(6, 2))
     assert torch.isnan(value)
+
+
+def test_skewed_label_counts_across_size_buckets_match_the_loop():
+    g = torch.Generator().manual_seed(15)
+    z = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    frequency = torch.tensor([1.0, 0.9, 0.5, 0.3, 0.12, 0.06, 0.03, 0.0])  # counts from 40 down to 0
+    labels = torch.rand(40, 8, generator=g) < frequency
+    labels[0, 6] = True  # at least one row
+    value, grad = _value_and_grad(CLMLLoss(delta=0.5), z, labels)
+    ref_value, ref_grad = _value_and_grad(lambda e, y: clml_loss_reference(e, y, delta=0.5), z, labels)
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10)
+    static, static_grad = _value_and_grad(lambda e, y: group_nuclear_norms(e, y, group_size=40).sum(), z, labels)
+    buckets, bucket_grad = _value_and_grad(lambda e, y: group_nuclear_norms(e, y).sum(), z, labels)
+    torch.testing.assert_close(static, buckets, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(static_grad, bucket_grad, rtol=1e-10, atol=1e-12)

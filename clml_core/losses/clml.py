@@ -37,27 +37,61 @@ import torch
 from torch import Tensor, nn
 
 
-class _TraceSqrtPSD(torch.autograd.Function):
-    """tr sqrt(G) for a batch of symmetric PSD matrices G (..., n, n), differentiable, in float64."""
+def _decompose(sub: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Singular values of the blocks' rows from their Gram matrices sub (m, n, n), float64.
+
+    Returns tr sqrt (m,) (NaN for a non-finite block), the eigenvectors (m, n, n) and 1 / (2 sqrt(lambda)) over the
+    kept eigenvalues, 0 elsewhere (m, n).
+    """
+    # A non-finite block gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
+    finite = torch.isfinite(sub).flatten(-2).all(-1)  # (m,)
+    sub = torch.where(finite[:, None, None], sub, torch.zeros_like(sub))
+    if sub.shape[-1] == 1:
+        evals, evecs = sub[..., 0], torch.ones_like(sub)
+    else:
+        evals, evecs = torch.linalg.eigh(sub)  # (m, n), (m, n, n); ascending
+    tiny = torch.finfo(sub.dtype).tiny
+    tol = evals.amax(-1, keepdim=True).clamp(min=0) * rtol**2  # (m, 1): singular-value tolerance, squared
+    keep = evals > tol.clamp(min=tiny)
+    root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()  # (m, n) singular values
+    half_inv_root = torch.where(keep, 0.5 / root.clamp(min=tiny), torch.zeros_like(root))
+    return torch.where(finite, root.sum(-1), torch.full_like(root[:, 0], math.nan)), evecs, half_inv_root
+
+
+class _TraceSqrtBlocks(torch.autograd.Function):
+    """tr sqrt(G[I, I]) of principal sub-matrices of one PSD matrix G, for every row of every index block I.
+
+    ``gram`` is (N, N) float64; each block is an (m, n) index tensor (an index may repeat only as a pointer to an
+    all-zero padding row). Returns the m_1 + m_2 + ... values, in block order.
+    """
 
     @staticmethod
-    def forward(ctx, gram: Tensor, rtol: float) -> Tensor:
-        # A non-finite matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
-        finite = torch.isfinite(gram).flatten(-2).all(-1)  # (...,)
-        gram = torch.where(finite[..., None, None], gram, torch.zeros_like(gram))
-        evals, evecs = torch.linalg.eigh(gram)  # (..., n), (..., n, n); ascending
-        tol = evals[..., -1:].clamp(min=0) * rtol**2  # (..., 1): singular-value tolerance, squared
-        keep = evals > tol.clamp(min=torch.finfo(gram.dtype).tiny)
-        root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()  # (..., n) singular values
-        ctx.save_for_backward(evecs, torch.where(keep, 0.5 / root.clamp(min=torch.finfo(gram.dtype).tiny), 0.0))
-        return torch.where(finite, root.sum(-1), torch.full_like(root[..., 0], math.nan))
+    def forward(ctx, gram: Tensor, rtols: tuple[float, ...], *blocks: Tensor) -> Tensor:
+        values, saved = [], []
+        for idx, rtol in zip(blocks, rtols):
+            value, evecs, half_inv_root = _decompose(gram[idx[:, :, None], idx[:, None, :]], rtol)
+            values.append(value)
+            saved += [evecs, half_inv_root]
+        ctx.save_for_backward(*blocks, *saved)
+        ctx.num_blocks, ctx.size = len(blocks), gram.shape[0]
+        return torch.cat(values)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
-        evecs, half_inv_root = ctx.saved_tensors
-        # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues.
-        grad = (evecs * half_inv_root.unsqueeze(-2)) @ evecs.transpose(-1, -2)  # (..., n, n)
-        return grad_out[..., None, None] * grad, None
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        tensors = ctx.saved_tensors
+        blocks, saved = tensors[: ctx.num_blocks], tensors[ctx.num_blocks :]
+        grad_gram = grad_out.new_zeros(ctx.size, ctx.size)
+        offset = 0
+        for b, idx in enumerate(blocks):
+            evecs, half_inv_root = saved[2 * b], saved[2 * b + 1]
+            m = idx.shape[0]
+            # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues.
+            grad = (evecs * half_inv_root.unsqueeze(-2)) @ evecs.transpose(-1, -2)  # (m, n, n)
+            grad = grad * grad_out[offset : offset + m, None, None]
+            rows, cols = idx[:, :, None].expand_as(grad), idx[:, None, :].expand_as(grad)
+            grad_gram.index_put_((rows, cols), grad, accumulate=True)
+            offset += m
+        return (grad_gram, None, *([None] * ctx.num_blocks))
 
 
 class _Gram64(torch.autograd.Function):
@@ -87,48 +121,74 @@ def _rtol(embeddings: Tensor, n: int) -> float:
     return max(size * eps, (size * torch.finfo(torch.float64).eps) ** 0.5)
 
 
-def _gram64(embeddings: Tensor) -> Tensor:
-    return _Gram64.apply(embeddings)  # (B, B) float64
+def _group_blocks(members: Tensor, group_size: int | None) -> list[tuple[Tensor, Tensor]]:
+    """(class ids (m,), row indices (m, n)) of the label groups, rows first and then B (the zero padding row).
+
+    With ``group_size`` None on CPU the classes are bucketed by their count (n rounded up to a power of two, empty
+    labels left out), since eigh costs grow fast with n; this reads the counts on the host, free on a CPU.
+    Otherwise one block holds every class, padded to ``group_size`` (B on an accelerator: static shapes, no device
+    synchronisation).
+    """
+    classes, batch = members.shape
+    counts = members.sum(1)  # (C,)
+    slot = torch.where(members, members.cumsum(1) - 1, batch)  # (C, B); non-members go to the dropped column B
+    rows = torch.arange(batch, device=members.device).expand_as(slot)
+    order = torch.full((classes, batch + 1), batch, dtype=torch.long, device=members.device)
+    order = order.scatter(1, slot, rows)[:, :batch]  # (C, B): each label's rows, then padding
+    ids = torch.arange(classes, device=members.device)
+    if group_size is not None or members.device.type != "cpu":
+        n = max(1, min(group_size or batch, batch))
+        return [(ids, order[:, :n])]
+    blocks = []
+    bucket = torch.where(counts > 0, torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), -1)
+    for level in torch.unique(bucket).tolist():
+        if level < 0:
+            continue
+        chosen = bucket == level
+        n = int(counts[chosen].max())
+        blocks.append((ids[chosen], order[chosen, :n]))
+    return blocks
 
 
-def _nuclear_norm_from_gram(gram: Tensor, embeddings: Tensor) -> Tensor:
-    return _TraceSqrtPSD.apply(gram.unsqueeze(0), _rtol(embeddings, gram.shape[0]))[0]
-
-
-def _group_nuclear_norms_from_gram(gram: Tensor, embeddings: Tensor, labels: Tensor, group_size: int | None) -> Tensor:
-    batch = gram.shape[0]
-    members = labels.T  # (C, B) bool
-    if group_size is None:
-        group_size = int(members.sum(1).max()) if gram.device.type == "cpu" else batch
-    n = max(1, min(group_size, batch))
-    # order[k] lists the rows of label k, then the index B of an all-zero padding row.
-    slot = torch.where(members, members.cumsum(1) - 1, n)  # (C, B); non-members go to the dropped column n
-    rows = torch.arange(batch, device=gram.device).expand_as(slot)
-    order = torch.full((members.shape[0], n + 1), batch, dtype=torch.long, device=gram.device)
-    order = order.scatter(1, slot, rows)[:, :n]  # (C, n)
-    padded = torch.nn.functional.pad(gram, (0, 1, 0, 1))  # (B + 1, B + 1)
-    sub = padded[order[:, :, None], order[:, None, :]]  # (C, n, n), zero outside the label's rows
-    return _TraceSqrtPSD.apply(sub, _rtol(embeddings, n))
+def _nuclear_norms(
+    embeddings: Tensor, labels: Tensor | None, group_size: int | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """||Z||_* (0-dim) and, with labels, ||Z_k||_* (C,), all float64, from one Gram matrix and one Function."""
+    batch = embeddings.shape[0]
+    gram = torch.nn.functional.pad(_Gram64.apply(embeddings), (0, 1, 0, 1))  # (B + 1, B + 1), zero last row
+    blocks = [(None, torch.arange(batch, device=embeddings.device)[None])]
+    if labels is not None:
+        blocks += _group_blocks(labels.T, group_size)
+    rtols = tuple(_rtol(embeddings, idx.shape[1]) for _, idx in blocks)
+    values = _TraceSqrtBlocks.apply(gram, rtols, *(idx for _, idx in blocks))
+    if labels is None:
+        return values[0], None
+    norms = values.new_zeros(labels.shape[1])
+    if len(blocks) > 1:
+        ids = torch.cat([ids for ids, _ in blocks[1:]])
+        norms = norms.index_put((ids,), values[1:])
+    return values[0], norms
 
 
 def nuclear_norm(embeddings: Tensor) -> Tensor:
     """Nuclear norm ||Z||_* of a (B, D) matrix as a 0-dim float64 tensor (see the module docstring)."""
-    return _nuclear_norm_from_gram(_gram64(embeddings), embeddings)
+    return _nuclear_norms(embeddings, None)[0]
 
 
 def group_nuclear_norms(embeddings: Tensor, labels: Tensor, group_size: int | None = None) -> Tensor:
-    """Nuclear norms ||Z_k||_* of the row groups of every label, in one batched decomposition.
+    """Nuclear norms ||Z_k||_* of the row groups of every label.
 
     Args:
         embeddings: (B, D) floating point.
         labels: (B, C) bool, rows i with labels[i, k] form group k.
-        group_size: padding size n of the per-label Gram matrices, at least the largest label count. None picks the
-            largest count on CPU (a host read) and B elsewhere (static shapes, no device synchronisation).
+        group_size: padding size n of one block of per-label Gram matrices, at least the largest label count. None
+            buckets the labels by count on CPU (a host read) and uses n = B elsewhere (static shapes, no device
+            synchronisation).
 
     Returns:
         (C,) float64; 0 for a label with no rows.
     """
-    return _group_nuclear_norms_from_gram(_gram64(embeddings), embeddings, labels, group_size)
+    return _nuclear_norms(embeddings, labels, group_size)[1]
 
 
 class CLMLTerms(NamedTuple):
@@ -222,14 +282,9 @@ class CLMLLoss(nn.Module):
         out_dtype = torch.promote_types(embeddings.dtype, torch.float32)
         zero = embeddings.new_zeros((), dtype=torch.float64)
         with torch.autocast(embeddings.device.type, enabled=False):
-            gram = _gram64(embeddings)
-            local = zero
-            if self.local_weight:
-                norms = _group_nuclear_norms_from_gram(gram, embeddings, labels.bool(), None)
-                local = self.local_weight * norms.clamp(min=self.delta).sum()
-            global_ = zero
-            if self.global_weight:
-                global_ = self.global_weight * _nuclear_norm_from_gram(gram, embeddings)
+            norm, norms = _nuclear_norms(embeddings, labels.bool() if self.local_weight else None)
+            local = self.local_weight * norms.clamp(min=self.delta).sum() if self.local_weight else zero
+            global_ = self.global_weight * norm  # also at weight 0: keeps the loss attached to the graph
             loss = self.lam / embeddings.shape[0] * (local - global_)
         return CLMLTerms(loss.to(out_dtype), local.to(out_dtype), global_.to(out_dtype))
 
