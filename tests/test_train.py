@@ -170,66 +170,43 @@ def test_static_loss_scale_changes_nothing_for_our_clml_but_starves_the_released
     assert runs[True, 0.0]["train_clml"].iloc[0] != runs[True, 65536.0]["train_clml"].iloc[0]
 
 
-def test_cli_trains_the_smoke_preset(tmp_path):
-    out = tmp_path / "cli"
+def _cli(out, *overrides, processes=1):
+    """The training CLI on the smoke preset in a subprocess (under torchrun when processes > 1)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command = [
         sys.executable,
+        *(launcher if processes > 1 else []),
         "-m",
         "clml_core.train",
         "--preset",
         "smoke",
         "--out",
         str(out),
-        "progress=false",
-        "threads=1",
-        "data.limit_train=96",
-        "optim.epochs=1",
+        *overrides,
     ]
-    done = subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_the_smoke_preset(tmp_path):
+    out = tmp_path / "cli"
+    overrides = ("progress=false", "threads=1", "data.limit_train=96", "optim.epochs=1")
+    done = _cli(out, *overrides)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "test mAP" in done.stdout and (out / "results.json").is_file()
-    again = subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=300)
+    again = _cli(out, *overrides)
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
 def test_cli_rejects_a_bad_override(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "clml_core.train",
-        "--preset",
-        "smoke",
-        "--out",
-        str(tmp_path / "x"),
-        "clml.enabled=maybe",
-    ]
-    done = subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=120)
+    done = _cli(tmp_path / "x", "clml.enabled=maybe")
     assert done.returncode == 2 and "clml.enabled" in done.stderr and "boolean" in done.stderr
 
 
 @pytest.mark.slow
 def test_torchrun_with_two_processes_trains_the_smoke_preset(tmp_path):
     out = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "clml_core.train",
-        "--preset",
-        "smoke",
-        "--out",
-        str(out),
-        "progress=false",
-        "threads=1",
-        "data.limit_train=128",
-        "optim.epochs=2",
-        "clml.correction_start_epoch=1",
-    ]
-    done = subprocess.run(command, cwd=PROJ_ROOT, capture_output=True, text=True, timeout=300)
+    overrides = ("progress=false", "threads=1", "data.limit_train=128", "optim.epochs=2")
+    done = _cli(out, *overrides, "clml.correction_start_epoch=1", processes=2)
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2
