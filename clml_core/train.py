@@ -449,8 +449,8 @@ class Trainer:
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {self.epoch} step {self.step} (base {float(base):.4g}, "
-                f"CLML {float(clml_value):.4g}); the run stopped. The last good checkpoint is "
+                f"loss is {loss_value} at epoch {self.epoch} step {self.step} (base {float(base.detach()):.4g}, "
+                f"CLML {float(clml_value.detach()):.4g}); the run stopped. The last good checkpoint is "
                 f"{self.ckpt_dir / 'last.pt'}; lower optim.lr or check the data before --resume."
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -474,7 +474,8 @@ class Trainer:
         sums = self.sums
         sums.steps += 1
         sums.loss += loss_value
-        sums.base += float(base.detach()) / dist_utils.world_size() if config.loss.reduction == "sum" else float(base)
+        world = dist_utils.world_size() if config.loss.reduction == "sum" else 1
+        sums.base += float(base.detach()) / world
         sums.clml += float(clml_value.detach())
         sums.local += float(local.detach())
         sums.global_ += float(global_.detach())
