@@ -38,14 +38,11 @@ from torch import Tensor, nn
 
 
 def _decompose(sub: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Singular values of the blocks' rows from their Gram matrices sub (m, n, n), float64.
+    """Singular values of the blocks' rows from their finite Gram matrices sub (m, n, n), float64.
 
-    Returns tr sqrt (m,) (NaN for a non-finite block), the eigenvectors (m, n, n) and 1 / (2 sqrt(lambda)) over the
-    kept eigenvalues, 0 elsewhere (m, n).
+    Returns tr sqrt (m,), the eigenvectors (m, n, n) and 1 / (2 sqrt(lambda)) over the kept eigenvalues, 0 elsewhere
+    (m, n).
     """
-    # A non-finite block gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
-    finite = torch.isfinite(sub).flatten(-2).all(-1)  # (m,)
-    sub = torch.where(finite[:, None, None], sub, torch.zeros_like(sub))
     if sub.shape[-1] == 1:
         evals, evecs = sub[..., 0], torch.ones_like(sub)
     else:
@@ -55,7 +52,7 @@ def _decompose(sub: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
     keep = evals > tol.clamp(min=tiny)
     root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()  # (m, n) singular values
     half_inv_root = torch.where(keep, 0.5 / root.clamp(min=tiny), torch.zeros_like(root))
-    return torch.where(finite, root.sum(-1), torch.full_like(root[:, 0], math.nan)), evecs, half_inv_root
+    return root.sum(-1), evecs, half_inv_root
 
 
 class _TraceSqrtBlocks(torch.autograd.Function):
@@ -67,6 +64,9 @@ class _TraceSqrtBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gram: Tensor, rtols: tuple[float, ...], *blocks: Tensor) -> Tensor:
+        # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
+        finite = torch.isfinite(gram).all()
+        gram = torch.where(finite, gram, torch.zeros_like(gram))
         values, saved = [], []
         for idx, rtol in zip(blocks, rtols):
             value, evecs, half_inv_root = _decompose(gram[idx[:, :, None], idx[:, None, :]], rtol)
@@ -74,7 +74,8 @@ class _TraceSqrtBlocks(torch.autograd.Function):
             saved += [evecs, half_inv_root]
         ctx.save_for_backward(*blocks, *saved)
         ctx.num_blocks, ctx.size = len(blocks), gram.shape[0]
-        return torch.cat(values)
+        values = torch.cat(values)
+        return torch.where(finite, values, torch.full_like(values, math.nan))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -139,14 +140,17 @@ def _group_blocks(members: Tensor, group_size: int | None) -> list[tuple[Tensor,
     if group_size is not None or members.device.type != "cpu":
         n = max(1, min(group_size or batch, batch))
         return [(ids, order[:, :n])]
+    counts_list = counts.tolist()
+    buckets: dict[int, list[int]] = {}
+    for k, count in enumerate(counts_list):
+        if count:
+            buckets.setdefault((count - 1).bit_length(), []).append(k)  # ceil(log2(count))
     blocks = []
-    bucket = torch.where(counts > 0, torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), -1)
-    for level in torch.unique(bucket).tolist():
-        if level < 0:
-            continue
-        chosen = bucket == level
-        n = int(counts[chosen].max())
-        blocks.append((ids[chosen], order[chosen, :n]))
+    for level in sorted(buckets):
+        chosen = buckets[level]
+        n = max(counts_list[k] for k in chosen)
+        chosen_ids = torch.tensor(chosen, device=members.device)
+        blocks.append((chosen_ids, order[chosen_ids, :n]))
     return blocks
 
 
