@@ -9,32 +9,11 @@ D in {512, 2048}, C in {20, 80}, about 3 positive labels per row, and the loop /
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import median_seconds
 
 from clml_core.losses import CLMLLoss, clml_loss_reference
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(step: Callable[[], None], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``step`` in milliseconds after two warm-up calls."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -65,8 +44,8 @@ def main() -> None:
                     leaf = z.detach().requires_grad_()
                     clml_loss_reference(leaf, labels).backward()
 
-                t_ours = time_ms(ours, device, args.repeats)
-                t_loop = time_ms(loop, device, args.repeats)
+                t_ours = 1e3 * median_seconds(ours, device, args.repeats)
+                t_loop = 1e3 * median_seconds(loop, device, args.repeats)
                 print(f"| {batch} | {dim} | {classes} | {t_ours:.2f} | {t_loop:.2f} | {t_loop / t_ours:.1f}x |")
 
 

@@ -12,31 +12,12 @@ torch.compile with --compile); "plain fp32" is the authors' setting: fp32, conti
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 from clml_core.losses import CLMLLoss, make_base_loss
 from clml_core.models import build_model, param_groups
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench(arch: str, size: int, batch: int, device: torch.device, mode: str, repeats: int, warmup: int) -> dict:
@@ -74,8 +55,8 @@ def bench(arch: str, size: int, batch: int, device: torch.device, mode: str, rep
         leaf = embeddings.detach().requires_grad_()
         clml(leaf, labels).backward()
 
-    step_s = _timed(step, device, repeats, warmup)
-    clml_s = _timed(clml_only, device, max(repeats, 5), 2)
+    step_s = median_seconds(step, device, repeats, warmup)
+    clml_s = median_seconds(clml_only, device, max(repeats, 5))
     return {"step_s": step_s, "clml_s": clml_s, "images_per_s": batch / step_s}
 
 
