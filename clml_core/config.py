@@ -34,6 +34,7 @@ class DataConfig:
     val_labels: str = "observed"  # observed | full: which labels validation mAP uses for model selection
     augment: str = "none"  # none | authors (RandAugment + Cutout, as in the authors' recipe)
     packed_cache: bool = False  # decode real images once into a memory-mapped uint8 cache
+    cache_dir: str = ""  # where packed caches live ("" = data/cache)
     workers: int = 0
     limit_train: int = 0  # use only the first N training images (0 = all); for smoke tests
 

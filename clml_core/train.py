@@ -139,7 +139,7 @@ def build_splits(config: TrainConfig) -> Splits:
     if data.val_labels == "full":
         val = val.with_observed(val.labels)
     if data.packed_cache and data.dataset != "synthetic":
-        caches = DATA_DIR / "cache" / data.dataset
+        caches = (Path(data.cache_dir) if data.cache_dir else DATA_DIR / "cache") / data.dataset
         train, val, test = (
             build_packed_cache(ds, data.image_size, caches / f"{name}-{data.image_size}px.npy").dataset(ds)
             for name, ds in (("train", train), ("val", val), ("test", test))

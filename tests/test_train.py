@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -220,3 +221,45 @@ def test_correction_can_feed_the_base_loss_without_a_clml_term(tmp_path):
     metrics = pd.read_csv(tmp_path / "f" / "metrics.csv")
     assert pd.isna(metrics.loc[0, "corr_recall"]) and pd.notna(metrics.loc[1, "corr_recall"])
     assert (metrics["train_clml"] == 0).all()
+
+
+def test_a_coco_layout_trains_through_the_packed_cache(tmp_path, write_image):
+    """The real-dataset path: official COCO layout, protocol on train, validation carved from it, packed cache."""
+    categories = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 90, "name": "toothbrush"}]
+    rng = np.random.default_rng(0)
+    for split, count in (("train2014", 48), ("val2014", 16)):
+        images = [{"id": i, "file_name": f"COCO_{split}_{i:012d}.jpg"} for i in range(count)]
+        annotations = [
+            {"image_id": i, "category_id": c["id"]} for i in range(count) for c in categories if rng.random() < 0.5
+        ] + [{"image_id": i, "category_id": 1} for i in range(count)]
+        (tmp_path / "annotations").mkdir(exist_ok=True)
+        data = {"images": images, "annotations": annotations, "categories": categories}
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+        for image in images:
+            write_image(tmp_path / split / image["file_name"], seed=image["id"], height=20, width=24)
+    config = resolve_config(
+        "smoke",
+        overrides={
+            "progress": False,
+            "data": {
+                "dataset": "coco",
+                "root": str(tmp_path),
+                "image_size": 16,
+                "packed_cache": True,
+                "cache_dir": str(tmp_path / "cache"),
+                "fraction": 0.75,
+                "val_fraction": 0.25,
+            },
+            "model": {"widths": [8, 16]},
+            "optim": {"epochs": 1, "batch_size": 8},
+        },
+    )
+    results = train(config, tmp_path / "run")
+    assert 0 <= results["test_map"] <= 100
+    assert sorted(p.name for p in (tmp_path / "cache" / "coco").glob("*.npy")) == [
+        "test-16px.npy",
+        "train-16px.npy",
+        "val-16px.npy",
+    ]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert (info["n_train"], info["n_val"], info["n_test"]) == (36, 12, 16)
