@@ -37,29 +37,19 @@ import torch
 from torch import Tensor, nn
 
 
-def _decompose(sub: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Singular values of the blocks' rows from their finite Gram matrices sub (m, n, n), float64.
-
-    Returns tr sqrt (m,), the eigenvectors (m, n, n) and 1 / (2 sqrt(lambda)) over the kept eigenvalues, 0 elsewhere
-    (m, n).
-    """
+def _eigh(sub: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (m, n) ascending and eigenvectors (m, n, n) of symmetric (m, n, n) matrices."""
     if sub.shape[-1] == 1:
-        evals, evecs = sub[..., 0], torch.ones_like(sub)
-    else:
-        evals, evecs = torch.linalg.eigh(sub)  # (m, n), (m, n, n); ascending
-    tiny = torch.finfo(sub.dtype).tiny
-    tol = evals.amax(-1, keepdim=True).clamp(min=0) * rtol**2  # (m, 1): singular-value tolerance, squared
-    keep = evals > tol.clamp(min=tiny)
-    root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()  # (m, n) singular values
-    half_inv_root = torch.where(keep, 0.5 / root.clamp(min=tiny), torch.zeros_like(root))
-    return root.sum(-1), evecs, half_inv_root
+        return sub[..., 0], torch.ones_like(sub)
+    return torch.linalg.eigh(sub)
 
 
 class _TraceSqrtBlocks(torch.autograd.Function):
     """tr sqrt(G[I, I]) of principal sub-matrices of one PSD matrix G, for every row of every index block I.
 
     ``gram`` is (N, N) float64; each block is an (m, n) index tensor (an index may repeat only as a pointer to an
-    all-zero padding row). Returns the m_1 + m_2 + ... values, in block order.
+    all-zero padding row) with its relative singular-value tolerance in ``rtols``. Returns the m_1 + m_2 + ...
+    values, in block order.
     """
 
     @staticmethod
@@ -67,28 +57,36 @@ class _TraceSqrtBlocks(torch.autograd.Function):
         # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
         finite = torch.isfinite(gram).all()
         gram = torch.where(finite, gram, torch.zeros_like(gram))
-        values, saved = [], []
-        for idx, rtol in zip(blocks, rtols):
-            value, evecs, half_inv_root = _decompose(gram[idx[:, :, None], idx[:, None, :]], rtol)
-            values.append(value)
-            saved += [evecs, half_inv_root]
-        ctx.save_for_backward(*blocks, *saved)
+        width = max(idx.shape[1] for idx in blocks)
+        evals, evecs = [], []
+        for idx in blocks:
+            values, vectors = _eigh(gram[idx[:, :, None], idx[:, None, :]])  # (m, n), (m, n, n)
+            evals.append(torch.nn.functional.pad(values, (0, width - idx.shape[1])))  # zeros are never kept
+            evecs.append(vectors)
+        evals = torch.cat(evals)  # (M, width), all blocks at once from here on
+        sizes = torch.tensor([idx.shape[0] for idx in blocks], device=gram.device)
+        rtol = torch.repeat_interleave(torch.tensor(rtols, dtype=gram.dtype, device=gram.device), sizes)  # (M,)
+        tiny = torch.finfo(gram.dtype).tiny
+        tol = evals.amax(-1).clamp(min=0) * rtol**2  # (M,): singular-value tolerance, squared
+        keep = evals > tol.clamp(min=tiny)[:, None]
+        root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()  # (M, width) singular values
+        half_inv_root = torch.where(keep, 0.5 / root.clamp(min=tiny), torch.zeros_like(root))
+        ctx.save_for_backward(half_inv_root, *blocks, *evecs)
         ctx.num_blocks, ctx.size = len(blocks), gram.shape[0]
-        values = torch.cat(values)
+        values = root.sum(-1)
         return torch.where(finite, values, torch.full_like(values, math.nan))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        tensors = ctx.saved_tensors
-        blocks, saved = tensors[: ctx.num_blocks], tensors[ctx.num_blocks :]
+        half_inv_root, *tensors = ctx.saved_tensors
+        blocks, evecs_list = tensors[: ctx.num_blocks], tensors[ctx.num_blocks :]
+        scaled = half_inv_root * grad_out[:, None]  # (M, width)
         grad_gram = grad_out.new_zeros(ctx.size, ctx.size)
         offset = 0
-        for b, idx in enumerate(blocks):
-            evecs, half_inv_root = saved[2 * b], saved[2 * b + 1]
-            m = idx.shape[0]
+        for idx, evecs in zip(blocks, evecs_list):
+            m, n = idx.shape
             # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues.
-            grad = (evecs * half_inv_root.unsqueeze(-2)) @ evecs.transpose(-1, -2)  # (m, n, n)
-            grad = grad * grad_out[offset : offset + m, None, None]
+            grad = (evecs * scaled[offset : offset + m, None, :n]) @ evecs.transpose(-1, -2)  # (m, n, n)
             rows, cols = idx[:, :, None].expand_as(grad), idx[:, None, :].expand_as(grad)
             grad_gram.index_put_((rows, cols), grad, accumulate=True)
             offset += m
@@ -140,17 +138,13 @@ def _group_blocks(members: Tensor, group_size: int | None) -> list[tuple[Tensor,
     if group_size is not None or members.device.type != "cpu":
         n = max(1, min(group_size or batch, batch))
         return [(ids, order[:, :n])]
-    counts_list = counts.tolist()
-    buckets: dict[int, list[int]] = {}
-    for k, count in enumerate(counts_list):
-        if count:
-            buckets.setdefault((count - 1).bit_length(), []).append(k)  # ceil(log2(count))
+    level = torch.where(counts > 0, torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), -1)  # (C,)
+    by_level = torch.argsort(level, stable=True)
+    levels, sizes = torch.unique_consecutive(level[by_level], return_counts=True)
     blocks = []
-    for level in sorted(buckets):
-        chosen = buckets[level]
-        n = max(counts_list[k] for k in chosen)
-        chosen_ids = torch.tensor(chosen, device=members.device)
-        blocks.append((chosen_ids, order[chosen_ids, :n]))
+    for lvl, chosen in zip(levels.tolist(), torch.split(by_level, sizes.tolist())):  # at most log2(B) + 2 buckets
+        if lvl >= 0:
+            blocks.append((chosen, order[chosen, : int(counts[chosen].max())]))
     return blocks
 
 
