@@ -9,12 +9,12 @@ term pulls the images that share a label towards a low-rank subspace; the global
 a high-rank one. A weight of 0 switches a term off (the ablation).
 
 How it is computed. ||A||_* = tr sqrt(A A^T), so every nuclear norm is taken from one Gram matrix K = Z Z^T (B, B):
-the Gram of Z_k is the sub-matrix K[S_k, S_k] over the rows S_k of label k. The sub-matrices are gathered into a
-batch (C, n, n) (members first, zero padding) and decomposed with one batched ``eigh`` in float64, which converges
-where float32 ``eigh`` on zero-padded Gram matrices does not. On CPU n is the largest label count in the batch (a
-host read, which costs nothing there); on an accelerator n = B so that shapes are static and nothing waits for the
-device. The cost is then one (B, D) x (D, B) product and C small eigen-decompositions instead of C SVDs of (n_k, D)
-matrices.
+the Gram of Z_k is the sub-matrix K[S_k, S_k] over the rows S_k of label k. The sub-matrices are gathered into
+batches (m, n, n) (members first, zero padding) and decomposed with batched ``eigh`` in float64, which converges
+where float32 ``eigh`` on zero-padded Gram matrices does not. On CPU the labels are bucketed by their count (n up to
+the next power of two, a host read that costs nothing there), since eigh costs grow fast with n; on an accelerator
+one batch (C, B, B) keeps shapes static so that nothing waits for the device. The cost is then one (B, D) x (D, B)
+product and small eigen-decompositions instead of C SVDs of (n_k, D) matrices.
 
 Gradient and subgradient. d tr sqrt(G) / dG = G^{-1/2} / 2, which gives the familiar dZ_k = U V^T of the nuclear
 norm. At rank-deficient points (duplicate rows, a label with one zero row, all-zero embeddings) the nuclear norm is
