@@ -21,6 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from clml_core.config import apply_updates, resolve_config
+from clml_core.runio import atomic_write_json
 
 #: Missing-label protocols of the main table, as config overrides of ``data``.
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -154,8 +155,8 @@ def _run_one(args: tuple[RunSpec, str, bool]) -> str:
         config = apply_updates(spec.config(), {"progress": False, "threads": 1})
         resume = (folder / "checkpoints" / "last.pt").exists()
         train(config, folder, resume=resume)
-    (folder / "spec.json").write_text(
-        json.dumps({"group": spec.group, "variant": spec.variant, "seed": spec.seed, **spec.labels}) + "\n"
+    atomic_write_json(
+        folder / "spec.json", {"group": spec.group, "variant": spec.variant, "seed": spec.seed, **spec.labels}
     )
     return spec.variant
 

@@ -446,11 +446,14 @@ class Trainer:
                 else:
                     clml_value = self.clml_loss(embeddings.float(), groups)
                 loss = base + clml_value
-        loss_value = float(loss.detach())
+        # One device-to-host read per step for the finiteness check and the logged terms.
+        loss_value, base_value, clml_item, local_value, global_value = (
+            torch.stack([loss, base, clml_value, local, global_]).detach().double().tolist()
+        )
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {self.epoch} step {self.step} (base {float(base.detach()):.4g}, "
-                f"CLML {float(clml_value.detach()):.4g}); the run stopped. The last good checkpoint is "
+                f"loss is {loss_value} at epoch {self.epoch} step {self.step} (base {base_value:.4g}, "
+                f"CLML {clml_item:.4g}); the run stopped. The last good checkpoint is "
                 f"{self.ckpt_dir / 'last.pt'}; lower optim.lr or check the data before --resume."
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -474,11 +477,10 @@ class Trainer:
         sums = self.sums
         sums.steps += 1
         sums.loss += loss_value
-        world = dist_utils.world_size() if config.loss.reduction == "sum" else 1
-        sums.base += float(base.detach()) / world
-        sums.clml += float(clml_value.detach())
-        sums.local += float(local.detach())
-        sums.global_ += float(global_.detach())
+        sums.base += base_value / (dist_utils.world_size() if config.loss.reduction == "sum" else 1)
+        sums.clml += clml_item
+        sums.local += local_value
+        sums.global_ += global_value
         if correcting:
             full = torch.as_tensor(self.splits.train.labels[index.numpy()])
             sums.correction = sums.correction + correction_quality(observed.cpu(), corrected.cpu(), full)
