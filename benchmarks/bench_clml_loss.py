@@ -1,9 +1,11 @@
 """Forward + backward time of CLMLLoss against the per-class SVD loop, run in the same process.
 
-    python benchmarks/bench_clml_loss.py [--device cpu|cuda] [--repeats 20] [--dtype float32|bfloat16]
+    python benchmarks/bench_clml_loss.py [--device cpu|cuda] [--repeats 20] [--rounds 5]
 
 Prints a markdown table: milliseconds per forward+backward (median over repeats) for B in {32, 64, 128},
-D in {512, 2048}, C in {20, 80}, about 3 positive labels per row, and the loop / CLMLLoss ratio.
+D in {512, 2048}, C in {20, 80}, about 3 positive labels per row, and the loop / CLMLLoss ratio. The two are timed
+in alternating rounds and the ratio is the median of the per-round ratios, so that a drift in the machine's speed
+(common on shared virtual machines) does not land on one side only.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import median_seconds
+from timing import paired_seconds
 
 from clml_core.losses import CLMLLoss, clml_loss_reference
 
@@ -19,7 +21,8 @@ from clml_core.losses import CLMLLoss, clml_loss_reference
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="calls of each per cell")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds the calls are split into")
     parser.add_argument("--positives", type=float, default=3.0, help="mean positive labels per row")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -44,9 +47,8 @@ def main() -> None:
                     leaf = z.detach().requires_grad_()
                     clml_loss_reference(leaf, labels).backward()
 
-                t_ours = 1e3 * median_seconds(ours, device, args.repeats)
-                t_loop = 1e3 * median_seconds(loop, device, args.repeats)
-                print(f"| {batch} | {dim} | {classes} | {t_ours:.2f} | {t_loop:.2f} | {t_loop / t_ours:.1f}x |")
+                t = paired_seconds(ours, loop, device, args.repeats, args.rounds)
+                print(f"| {batch} | {dim} | {classes} | {1e3 * t.a:.2f} | {1e3 * t.b:.2f} | {t.ratio:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,18 @@ term pulls the images that share a label towards a low-rank subspace; the global
 a high-rank one. A weight of 0 switches a term off (the ablation).
 
 How it is computed. ||A||_* = tr sqrt(A A^T), so every nuclear norm is taken from one Gram matrix K = Z Z^T (B, B):
-the Gram of Z_k is the sub-matrix K[S_k, S_k] over the rows S_k of label k. The sub-matrices are gathered into
-batches (m, n, n) (members first, zero padding) and decomposed with batched ``eigh`` in float64, which converges
-where float32 ``eigh`` on zero-padded Gram matrices does not. On CPU the labels are bucketed by their count (n up to
-the next power of two, a host read that costs nothing there), since eigh costs grow fast with n; on an accelerator
-one batch (C, B, B) keeps shapes static so that nothing waits for the device. The cost is then one (B, D) x (D, B)
-product and small eigen-decompositions instead of C SVDs of (n_k, D) matrices.
+the Gram of Z_k is the sub-matrix K[S_k, S_k] over the rows S_k of label k. The sub-matrices are gathered in one
+indexing operation into blocks (m, n, n) (members first, zero padding) and decomposed with batched ``eigh`` in
+float64, which converges where float32 ``eigh`` on zero-padded Gram matrices does not. On CPU the labels are sorted
+and bucketed by their count (n up to the next power of two, a host read that costs nothing there), since eigh costs
+grow fast with n; on an accelerator one block (C, B, B) keeps shapes static so that nothing waits for the device.
+The cost is then one (B, D) x (D, B) product and small eigen-decompositions instead of C SVDs of (n_k, D)
+matrices; one autograd Function holds it all, with a backward of one (B, B) x (B, D) product.
 
 Gradient and subgradient. d tr sqrt(G) / dG = G^{-1/2} / 2, which gives the familiar dZ_k = U V^T of the nuclear
 norm. At rank-deficient points (duplicate rows, a label with one zero row, all-zero embeddings) the nuclear norm is
 not differentiable; we use the subgradient U_r V_r^T over the singular values above the tolerance
-``s_max * max(m * eps, sqrt(m * eps64))`` with m = max(n, D), eps that of float32 or of the input dtype if wider
+``s_max * max(m * eps, sqrt(m * eps64))`` with m = max(B, D), eps that of float32 or of the input dtype if wider
 (NumPy's ``matrix_rank`` rule, floored at what a float64 Gram matrix resolves), and treat the rest as exactly
 zero. At Z_k = 0 that subgradient is 0. The authors' release drops singular values under an absolute
 1e-6 instead, which depends on the scale of the features.
@@ -30,6 +31,7 @@ scaled by S as well. The authors' release ignores the incoming gradient, which d
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import NamedTuple
 
@@ -38,134 +40,112 @@ from torch import Tensor, nn
 
 
 def _eigh(sub: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (m, n) ascending and eigenvectors (m, n, n) of symmetric (m, n, n) matrices."""
+    """Eigenvalues (..., n) ascending and eigenvectors (..., n, n) of symmetric (..., n, n) matrices."""
     if sub.shape[-1] == 1:
         return sub[..., 0], torch.ones_like(sub)
     return torch.linalg.eigh(sub)
 
 
-class _TraceSqrtBlocks(torch.autograd.Function):
-    """tr sqrt(G[I, I]) of principal sub-matrices of one PSD matrix G, for every row of every index block I.
+class _Groups(NamedTuple):
+    """The label groups of one batch as index blocks into the rows of Z.
 
-    ``gram`` is (N, N) float64; each block is an (m, n) index tensor (an index may repeat only as a pointer to an
-    all-zero padding row) with its relative singular-value tolerance in ``rtols``. Returns the m_1 + m_2 + ...
-    values, in block order.
+    ``rows`` (C', w) holds the row indices of each label of ``classes`` (C',), then B, a pointer to an all-zero
+    padding row; labels not in ``classes`` have no rows. ``spans`` cuts the labels into blocks ``(start, stop, n)``
+    whose n x n Gram matrices are decomposed together.
     """
 
-    @staticmethod
-    def forward(ctx, gram: Tensor, rtols: tuple[float, ...], *blocks: Tensor) -> Tensor:
-        # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
-        finite = torch.isfinite(gram).all()
-        gram = torch.where(finite, gram, torch.zeros_like(gram))
-        width = max(idx.shape[1] for idx in blocks)
-        evals, evecs = [], []
-        for idx in blocks:
-            values, vectors = _eigh(gram[idx[:, :, None], idx[:, None, :]])  # (m, n), (m, n, n)
-            evals.append(torch.nn.functional.pad(values, (0, width - idx.shape[1])))  # zeros are never kept
-            evecs.append(vectors)
-        evals = torch.cat(evals)  # (M, width), all blocks at once from here on
-        sizes = torch.tensor([idx.shape[0] for idx in blocks], device=gram.device)
-        rtol = torch.repeat_interleave(torch.tensor(rtols, dtype=gram.dtype, device=gram.device), sizes)  # (M,)
-        tiny = torch.finfo(gram.dtype).tiny
-        tol = evals.amax(-1).clamp(min=0) * rtol**2  # (M,): singular-value tolerance, squared
-        keep = evals > tol.clamp(min=tiny)[:, None]
-        root = torch.where(keep, evals, torch.zeros_like(evals)).sqrt()  # (M, width) singular values
-        half_inv_root = torch.where(keep, 0.5 / root.clamp(min=tiny), torch.zeros_like(root))
-        ctx.save_for_backward(half_inv_root, *blocks, *evecs)
-        ctx.num_blocks, ctx.size = len(blocks), gram.shape[0]
-        values = root.sum(-1)
-        return torch.where(finite, values, torch.full_like(values, math.nan))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        half_inv_root, *tensors = ctx.saved_tensors
-        blocks, evecs_list = tensors[: ctx.num_blocks], tensors[ctx.num_blocks :]
-        scaled = half_inv_root * grad_out[:, None]  # (M, width)
-        grad_gram = grad_out.new_zeros(ctx.size, ctx.size)
-        offset = 0
-        for idx, evecs in zip(blocks, evecs_list):
-            m, n = idx.shape
-            # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues.
-            grad = (evecs * scaled[offset : offset + m, None, :n]) @ evecs.transpose(-1, -2)  # (m, n, n)
-            rows, cols = idx[:, :, None].expand_as(grad), idx[:, None, :].expand_as(grad)
-            grad_gram.index_put_((rows, cols), grad, accumulate=True)
-            offset += m
-        return (grad_gram, None, *([None] * ctx.num_blocks))
+    classes: Tensor
+    rows: Tensor
+    spans: tuple[tuple[int, int, int], ...]
 
 
-class _Gram64(torch.autograd.Function):
-    """K = Z Z^T (B, B) in float64, with a one-product backward dZ = (dK + dK^T) Z in at least float32.
+def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
+    """Index blocks of the label groups of ``members`` (C, B) bool.
 
-    The eigenvalues need the float64 Gram; the gradient only needs the precision of the embeddings it flows into.
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:
-        ctx.save_for_backward(z)
-        z64 = z.double()
-        return z64 @ z64.T
-
-    @staticmethod
-    def backward(ctx, grad_gram: Tensor) -> Tensor:
-        (z,) = ctx.saved_tensors
-        work = torch.promote_types(z.dtype, torch.float32)
-        return ((grad_gram + grad_gram.T).to(work) @ z.to(work)).to(z.dtype)
-
-
-def _rtol(embeddings: Tensor, n: int) -> float:
-    """Relative singular-value tolerance: NumPy's matrix_rank rule at the input precision, and never below what
-    a float64 Gram matrix resolves (its eigenvalues carry an error of about n * eps64 * lambda_max)."""
-    size = max(n, embeddings.shape[1])
-    eps = torch.finfo(torch.promote_types(embeddings.dtype, torch.float32)).eps
-    return max(size * eps, (size * torch.finfo(torch.float64).eps) ** 0.5)
-
-
-def _group_blocks(members: Tensor, group_size: int | None) -> list[tuple[Tensor, Tensor]]:
-    """(class ids (m,), row indices (m, n)) of the label groups, rows first and then B (the zero padding row).
-
-    With ``group_size`` None on CPU the classes are bucketed by their count (n rounded up to a power of two, empty
-    labels left out), since eigh costs grow fast with n; this reads the counts on the host, free on a CPU.
-    Otherwise one block holds every class, padded to ``group_size`` (B on an accelerator: static shapes, no device
-    synchronisation).
+    With ``group_size`` None on CPU the labels are sorted by count, those without rows are left out and the rest are
+    bucketed by count rounded up to a power of two, since eigh costs grow fast with n; this reads the sorted counts
+    on the host, free on a CPU. Otherwise one block holds every label, padded to ``group_size`` (B on an
+    accelerator: static shapes, no device synchronisation).
     """
     classes, batch = members.shape
-    counts = members.sum(1)  # (C,)
-    slot = torch.where(members, members.cumsum(1) - 1, batch)  # (C, B); non-members go to the dropped column B
-    rows = torch.arange(batch, device=members.device).expand_as(slot)
-    order = torch.full((classes, batch + 1), batch, dtype=torch.long, device=members.device)
-    order = order.scatter(1, slot, rows)[:, :batch]  # (C, B): each label's rows, then padding
-    ids = torch.arange(classes, device=members.device)
+    rows = torch.where(members, torch.arange(batch, device=members.device), batch)  # (C, B): row i or padding B
     if group_size is not None or members.device.type != "cpu":
-        n = max(1, min(group_size or batch, batch))
-        return [(ids, order[:, :n])]
-    level = torch.where(counts > 0, torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), -1)  # (C,)
-    by_level = torch.argsort(level, stable=True)
-    levels, sizes = torch.unique_consecutive(level[by_level], return_counts=True)
-    blocks = []
-    for lvl, chosen in zip(levels.tolist(), torch.split(by_level, sizes.tolist())):  # at most log2(B) + 2 buckets
-        if lvl >= 0:
-            blocks.append((chosen, order[chosen, : int(counts[chosen].max())]))
-    return blocks
+        width = max(1, min(group_size or batch, batch))
+        labels = torch.arange(classes, device=members.device)
+        return _Groups(labels, rows.topk(width, largest=False).values, ((0, classes, width),))
+    counts, labels = torch.sort(members.sum(1), stable=True)
+    counts = counts.tolist()
+    bounds = [bisect.bisect_right(counts, 0)]  # labels without rows are left out
+    while bounds[-1] < classes:  # one block per power of two: at most log2(B) + 1 blocks
+        bounds.append(bisect.bisect_right(counts, 1 << (counts[bounds[-1]] - 1).bit_length()))
+    start = bounds[0]
+    spans = tuple((a - start, b - start, counts[b - 1]) for a, b in zip(bounds, bounds[1:]))
+    labels = labels[start:]
+    return _Groups(labels, rows[labels].topk(max(1, counts[-1]), largest=False).values, spans)
+
+
+class _NuclearNorms(torch.autograd.Function):
+    """||Z||_* and ||Z_k||_* of every label group, from one float64 Gram matrix K = Z Z^T.
+
+    The Gram matrix of Z_k is K[S_k, S_k]; ||Z_k||_* = tr sqrt(K[S_k, S_k]) is the sum of the square roots of its
+    kept eigenvalues. Returns ||Z||_* (0-dim) and the norms (C',) of the labels of ``groups.classes``, in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, groups: _Groups | None) -> tuple[Tensor, Tensor]:
+        batch, dim = z.shape
+        z64 = z.double()
+        gram = z64 @ z64.T
+        # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
+        finite = torch.isfinite(gram).all()
+        gram = torch.where(finite, gram, 0.0)
+        evals, evecs = _eigh(gram)
+        evals, rows, vectors = evals[None], (), ()
+        if groups is not None:
+            rows = groups.rows  # (C', w)
+            subs = torch.nn.functional.pad(gram, (0, 1, 0, 1))[rows[:, :, None], rows[:, None, :]]  # zero-padded
+            local_evals = gram.new_zeros(rows.shape[0], batch)  # zeros are never kept
+            vectors = gram.new_zeros(subs.shape)  # (C', w, w), zero outside each label's n x n block
+            for a, b, n in groups.spans:
+                local_evals[a:b, :n], vectors[a:b, :n, :n] = _eigh(subs[a:b, :n, :n])
+            evals = torch.cat([evals, local_evals])  # (1 + C', B): every label at once from here on
+            rows, vectors = (rows,), (vectors,)
+        # NumPy's matrix_rank tolerance for a max(B, D)-sized matrix, never below what a float64 Gram resolves.
+        size = max(batch, dim)
+        eps = torch.finfo(torch.promote_types(z.dtype, torch.float32)).eps
+        rtol = max(size * eps, (size * torch.finfo(torch.float64).eps) ** 0.5)
+        tol = evals.amax(-1, keepdim=True).clamp(min=0) * rtol**2
+        root = torch.where(evals > tol, evals, 0.0).sqrt()  # (1 + C', B) singular values
+        ctx.save_for_backward(z, root, evecs, *rows, *vectors)
+        values = torch.where(finite, root.sum(-1), math.nan)
+        return values[0], values[1:]
+
+    @staticmethod
+    def backward(ctx, grad_norm: Tensor, grad_norms: Tensor) -> tuple[Tensor, None]:
+        z, root, evecs, *local = ctx.saved_tensors
+        # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues.
+        scaled = torch.where(root > 0, 0.5 / root, 0.0) * torch.cat([grad_norm[None], grad_norms])[:, None]
+        grad_gram = (evecs * scaled[0]) @ evecs.T
+        if local:
+            rows, vectors = local
+            grad_subs = (vectors * scaled[1:, None, : rows.shape[1]]) @ vectors.mT  # (C', w, w)
+            padded = torch.nn.functional.pad(grad_gram, (0, 1, 0, 1))
+            padded.index_put_((rows[:, :, None], rows[:, None, :]), grad_subs, accumulate=True)
+            grad_gram = padded[:-1, :-1]
+        # K = Z Z^T and a symmetric dK give dZ = 2 dK Z, in the precision of the embeddings (at least float32).
+        work = torch.promote_types(z.dtype, torch.float32)
+        return ((2 * grad_gram).to(work) @ z.to(work)).to(z.dtype), None
 
 
 def _nuclear_norms(
     embeddings: Tensor, labels: Tensor | None, group_size: int | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """||Z||_* (0-dim) and, with labels, ||Z_k||_* (C,), all float64, from one Gram matrix and one Function."""
-    batch = embeddings.shape[0]
-    gram = torch.nn.functional.pad(_Gram64.apply(embeddings), (0, 1, 0, 1))  # (B + 1, B + 1), zero last row
-    blocks = [(None, torch.arange(batch, device=embeddings.device)[None])]
-    if labels is not None:
-        blocks += _group_blocks(labels.T, group_size)
-    rtols = tuple(_rtol(embeddings, idx.shape[1]) for _, idx in blocks)
-    values = _TraceSqrtBlocks.apply(gram, rtols, *(idx for _, idx in blocks))
-    if labels is None:
-        return values[0], None
-    norms = values.new_zeros(labels.shape[1])
-    if len(blocks) > 1:
-        ids = torch.cat([ids for ids, _ in blocks[1:]])
-        norms = norms.index_put((ids,), values[1:])
-    return values[0], norms
+) -> tuple[Tensor, Tensor, Tensor]:
+    """||Z||_* (0-dim), the norms ||Z_k||_* (C',) of the labels ``classes`` (C',), all float64; every other label
+    has no rows."""
+    groups = _label_groups(labels.T, group_size) if labels is not None else None
+    norm, norms = _NuclearNorms.apply(embeddings, groups)
+    classes = groups.classes if groups is not None else embeddings.new_zeros(0, dtype=torch.long)
+    return norm, norms, classes
 
 
 def nuclear_norm(embeddings: Tensor) -> Tensor:
@@ -186,7 +166,8 @@ def group_nuclear_norms(embeddings: Tensor, labels: Tensor, group_size: int | No
     Returns:
         (C,) float64; 0 for a label with no rows.
     """
-    return _nuclear_norms(embeddings, labels, group_size)[1]
+    _, norms, classes = _nuclear_norms(embeddings, labels, group_size)
+    return norms.new_zeros(labels.shape[1]).index_put((classes,), norms)
 
 
 class CLMLTerms(NamedTuple):
@@ -277,13 +258,14 @@ class CLMLLoss(nn.Module):
             CLMLTerms(loss, local, global_) in the dtype of ``embeddings`` (float32 under autocast).
         """
         _validate(embeddings, labels, self.check_values)
+        batch, classes = labels.shape
         out_dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        zero = embeddings.new_zeros((), dtype=torch.float64)
         with torch.autocast(embeddings.device.type, enabled=False):
-            norm, norms = _nuclear_norms(embeddings, labels.bool() if self.local_weight else None)
-            local = self.local_weight * norms.clamp(min=self.delta).sum() if self.local_weight else zero
+            norm, norms, _ = _nuclear_norms(embeddings, labels.bool() if self.local_weight else None)
+            # Labels left out of ``norms`` have no rows and contribute delta each (all of them at local weight 0).
+            local = self.local_weight * (norms.clamp(min=self.delta).sum() + self.delta * (classes - norms.shape[0]))
             global_ = self.global_weight * norm  # also at weight 0: keeps the loss attached to the graph
-            loss = self.lam / embeddings.shape[0] * (local - global_)
+            loss = self.lam / batch * (local - global_)
         return CLMLTerms(loss.to(out_dtype), local.to(out_dtype), global_.to(out_dtype))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
