@@ -99,6 +99,18 @@ def test_label_with_no_rows_contributes_delta_without_gradient():
     assert torch.count_nonzero(grad) == 0
 
 
+@pytest.mark.parametrize("classes", [0, 3])
+@pytest.mark.parametrize("group_size", [None, 5])
+def test_no_label_with_rows_leaves_the_global_term_and_deltas(classes, group_size):
+    z, _ = _draw(5, 4, 1, seed=11)
+    labels = torch.zeros(5, classes, dtype=torch.bool)
+    value, grad = _value_and_grad(CLMLLoss(delta=0.5), z, labels)
+    ref_value, ref_grad = _value_and_grad(lambda e, y: clml_loss_reference(e, y, delta=0.5), z, labels)
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10)
+    assert torch.equal(group_nuclear_norms(z, labels, group_size), torch.zeros(classes, dtype=torch.float64))
+
+
 def test_label_with_one_row_is_the_row_norm():
     z, _ = _draw(4, 6, 1, seed=9)
     labels = torch.tensor([[0], [1], [0], [0]])

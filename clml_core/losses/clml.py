@@ -81,7 +81,8 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
     start = bounds[0]
     spans = tuple((a - start, b - start, counts[b - 1]) for a, b in zip(bounds, bounds[1:]))
     labels = labels[start:]
-    return _Groups(labels, rows[labels].topk(max(1, counts[-1]), largest=False).values, spans)
+    width = max(1, counts[-1] if counts else 0)
+    return _Groups(labels, rows[labels].topk(width, largest=False).values, spans)
 
 
 class _NuclearNorms(torch.autograd.Function):
@@ -100,23 +101,24 @@ class _NuclearNorms(torch.autograd.Function):
         finite = torch.isfinite(gram).all()
         gram = torch.where(finite, gram, 0.0)
         evals, evecs = _eigh(gram)
-        evals, rows, vectors = evals[None], (), ()
+        evals, pairs, vectors = evals[None], (), ()
         if groups is not None:
-            rows = groups.rows  # (C', w)
-            subs = torch.nn.functional.pad(gram, (0, 1, 0, 1))[rows[:, :, None], rows[:, None, :]]  # zero-padded
-            local_evals = gram.new_zeros(rows.shape[0], batch)  # zeros are never kept
+            # Flat positions of every label's sub-matrix in the (B + 1, B + 1) Gram matrix with a zero last row.
+            pairs = groups.rows[:, :, None] * (batch + 1) + groups.rows[:, None, :]  # (C', w, w)
+            subs = torch.nn.functional.pad(gram, (0, 1, 0, 1)).view(-1)[pairs]
+            local_evals = gram.new_zeros(pairs.shape[0], batch)  # zeros are never kept
             vectors = gram.new_zeros(subs.shape)  # (C', w, w), zero outside each label's n x n block
             for a, b, n in groups.spans:
                 local_evals[a:b, :n], vectors[a:b, :n, :n] = _eigh(subs[a:b, :n, :n])
             evals = torch.cat([evals, local_evals])  # (1 + C', B): every label at once from here on
-            rows, vectors = (rows,), (vectors,)
+            pairs, vectors = (pairs,), (vectors,)
         # NumPy's matrix_rank tolerance for a max(B, D)-sized matrix, never below what a float64 Gram resolves.
         size = max(batch, dim)
         eps = torch.finfo(torch.promote_types(z.dtype, torch.float32)).eps
         rtol = max(size * eps, (size * torch.finfo(torch.float64).eps) ** 0.5)
         tol = evals.amax(-1, keepdim=True).clamp(min=0) * rtol**2
         root = torch.where(evals > tol, evals, 0.0).sqrt()  # (1 + C', B) singular values
-        ctx.save_for_backward(z, root, evecs, *rows, *vectors)
+        ctx.save_for_backward(z, root, evecs, *pairs, *vectors)
         values = torch.where(finite, root.sum(-1), math.nan)
         return values[0], values[1:]
 
@@ -127,11 +129,11 @@ class _NuclearNorms(torch.autograd.Function):
         scaled = torch.where(root > 0, 0.5 / root, 0.0) * torch.cat([grad_norm[None], grad_norms])[:, None]
         grad_gram = (evecs * scaled[0]) @ evecs.T
         if local:
-            rows, vectors = local
-            grad_subs = (vectors * scaled[1:, None, : rows.shape[1]]) @ vectors.mT  # (C', w, w)
-            padded = torch.nn.functional.pad(grad_gram, (0, 1, 0, 1))
-            padded.index_put_((rows[:, :, None], rows[:, None, :]), grad_subs, accumulate=True)
-            grad_gram = padded[:-1, :-1]
+            pairs, vectors = local
+            grad_subs = (vectors * scaled[1:, None, : pairs.shape[-1]]) @ vectors.mT  # (C', w, w)
+            padded = torch.nn.functional.pad(grad_gram, (0, 1, 0, 1)).view(-1)
+            padded.index_add_(0, pairs.view(-1), grad_subs.view(-1))
+            grad_gram = padded.view(z.shape[0] + 1, -1)[:-1, :-1]
         # K = Z Z^T and a symmetric dK give dZ = 2 dK Z, in the precision of the embeddings (at least float32).
         work = torch.promote_types(z.dtype, torch.float32)
         return ((2 * grad_gram).to(work) @ z.to(work)).to(z.dtype), None
