@@ -161,7 +161,8 @@ def test_gradient_scales_with_the_incoming_gradient(scale):
     torch.testing.assert_close(grad_scaled, grad * scale, rtol=1e-6, atol=0)
 
 
-def test_bfloat16_autocast_is_finite_and_close_to_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_autocast_is_finite_and_close_to_float32(dtype):
     g = torch.Generator().manual_seed(13)
     x = torch.randn(32, 20, generator=g)
     labels = torch.rand(32, 8, generator=g) < 0.3
@@ -169,18 +170,18 @@ def test_bfloat16_autocast_is_finite_and_close_to_float32():
 
     def run(autocast: bool):
         layer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
             z = layer(x)
             loss = CLMLLoss()(z, labels)
         loss.backward()
         return z.dtype, loss.detach(), layer.weight.grad.clone()
 
-    dtype, loss_bf16, grad_bf16 = run(True)
+    z_dtype, loss_low, grad_low = run(True)
     _, loss_fp32, grad_fp32 = run(False)
-    assert dtype == torch.bfloat16 and loss_bf16.dtype == torch.float32
-    assert torch.isfinite(grad_bf16).all()
-    assert float(loss_bf16) == pytest.approx(float(loss_fp32), rel=2e-2)
-    assert float((grad_bf16 - grad_fp32).norm() / grad_fp32.norm()) < 5e-2
+    assert z_dtype == dtype and loss_low.dtype == torch.float32
+    assert torch.isfinite(grad_low).all()
+    assert float(loss_low) == pytest.approx(float(loss_fp32), rel=2e-2)
+    assert float((grad_low - grad_fp32).norm() / grad_fp32.norm()) < 5e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
