@@ -111,6 +111,15 @@ def test_no_label_with_rows_leaves_the_global_term_and_deltas(classes, group_siz
     assert torch.equal(group_nuclear_norms(z, labels, group_size), torch.zeros(classes, dtype=torch.float64))
 
 
+def test_group_size_below_the_largest_label_count_is_rejected():
+    z, _ = _draw(6, 4, 1, seed=12)
+    labels = torch.zeros(6, 2, dtype=torch.bool)
+    labels[:4, 0] = True
+    with pytest.raises(ValueError, match="group_size 3 is smaller than the largest label count"):
+        group_nuclear_norms(z, labels, group_size=3)
+    assert group_nuclear_norms(z, labels, group_size=4)[0] > 0
+
+
 def test_label_with_one_row_is_the_row_norm():
     z, _ = _draw(4, 6, 1, seed=9)
     labels = torch.tensor([[0], [1], [0], [0]])

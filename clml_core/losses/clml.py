@@ -71,6 +71,8 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
     rows = torch.where(members, torch.arange(batch, device=members.device), batch)  # (C, B): row i or padding B
     if group_size is not None or members.device.type != "cpu":
         width = max(1, min(group_size or batch, batch))
+        if members.device.type == "cpu" and classes and int(members.sum(1).max()) > width:  # free to check on CPU
+            raise ValueError(f"group_size {group_size} is smaller than the largest label count")
         labels = torch.arange(classes, device=members.device)
         return _Groups(labels, rows.topk(width, largest=False).values, ((0, classes, width),))
     counts, labels = torch.sort(members.sum(1), stable=True)
@@ -161,7 +163,8 @@ def group_nuclear_norms(embeddings: Tensor, labels: Tensor, group_size: int | No
     Args:
         embeddings: (B, D) floating point.
         labels: (B, C) bool, rows i with labels[i, k] form group k.
-        group_size: padding size n of one block of per-label Gram matrices, at least the largest label count. None
+        group_size: padding size n of one block of per-label Gram matrices, at least the largest label count
+            (a ValueError on CPU; not checked on an accelerator, where it would synchronise). None
             buckets the labels by count on CPU (a host read) and uses n = B elsewhere (static shapes, no device
             synchronisation).
 
