@@ -200,6 +200,8 @@ def test_cuda_matches_cpu():
     value_cuda, grad_cuda = _value_and_grad(CLMLLoss(check_values=False), z.cuda(), labels.cuda())
     torch.testing.assert_close(value_cuda.cpu(), value, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_cuda.cpu(), grad, rtol=1e-4, atol=1e-5)
+    static = group_nuclear_norms(z.cuda(), labels.cuda(), group_size=32)  # one padded block, static shapes
+    torch.testing.assert_close(static.cpu(), group_nuclear_norms(z, labels), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

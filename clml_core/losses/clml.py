@@ -11,11 +11,13 @@ a high-rank one. A weight of 0 switches a term off (the ablation).
 How it is computed. ||A||_* = tr sqrt(A A^T), so every nuclear norm is taken from one Gram matrix K = Z Z^T (B, B):
 the Gram of Z_k is the sub-matrix K[S_k, S_k] over the rows S_k of label k. The sub-matrices are gathered in one
 indexing operation into blocks (m, n, n) (members first, zero padding) and decomposed with batched ``eigh`` in
-float64, which converges where float32 ``eigh`` on zero-padded Gram matrices does not. On CPU the labels are sorted
-and bucketed by their count (n up to the next power of two, a host read that costs nothing there), since eigh costs
-grow fast with n; on an accelerator one block (C, B, B) keeps shapes static so that nothing waits for the device.
-The cost is then one (B, D) x (D, B) product and small eigen-decompositions instead of C SVDs of (n_k, D)
-matrices; one autograd Function holds it all, with a backward of one (B, B) x (B, D) product.
+float64, which converges where float32 ``eigh`` on zero-padded Gram matrices does not. The labels are sorted and
+bucketed by their count (n up to the next power of two), since eigh costs grow fast with n. That reads the counts on
+the host: free on a CPU; on CUDA ``torch.linalg.eigh`` synchronises with the host anyway (as PyTorch documents), and
+its batched solver is used only up to n = 32 (pytorch/pytorch#175585), so padding every label to B would send all of
+them through a per-matrix loop (not timed here: no GPU was available). The cost is then one (B, D) x (D, B) product
+and small eigen-decompositions instead of C SVDs of (n_k, D) matrices; one autograd Function holds it all, with a
+backward of one (B, B) x (B, D) product.
 
 Gradient and subgradient. d tr sqrt(G) / dG = G^{-1/2} / 2, which gives the familiar dZ_k = U V^T of the nuclear
 norm. At rank-deficient points (duplicate rows, a label with one zero row, all-zero embeddings) the nuclear norm is
@@ -62,15 +64,14 @@ class _Groups(NamedTuple):
 def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
     """Index blocks of the label groups of ``members`` (C, B) bool.
 
-    With ``group_size`` None on CPU the labels are sorted by count, those without rows are left out and the rest are
-    bucketed by count rounded up to a power of two, since eigh costs grow fast with n; this reads the sorted counts
-    on the host, free on a CPU. Otherwise one block holds every label, padded to ``group_size`` (B on an
-    accelerator: static shapes, no device synchronisation).
+    With ``group_size`` None the labels are sorted by count, those without rows are left out and the rest are
+    bucketed by count rounded up to a power of two (this reads the sorted counts on the host). Otherwise one block
+    holds every label, padded to ``group_size``: static shapes, no host read.
     """
     classes, batch = members.shape
     rows = torch.where(members, torch.arange(batch, device=members.device), batch)  # (C, B): row i or padding B
-    if group_size is not None or members.device.type != "cpu":
-        width = max(1, min(group_size or batch, batch))
+    if group_size is not None:
+        width = max(1, min(group_size, batch))
         if members.device.type == "cpu" and classes and int(members.sum(1).max()) > width:  # free to check on CPU
             raise ValueError(f"group_size {group_size} is smaller than the largest label count")
         labels = torch.arange(classes, device=members.device)
@@ -163,10 +164,9 @@ def group_nuclear_norms(embeddings: Tensor, labels: Tensor, group_size: int | No
     Args:
         embeddings: (B, D) floating point.
         labels: (B, C) bool, rows i with labels[i, k] form group k.
-        group_size: padding size n of one block of per-label Gram matrices, at least the largest label count
-            (a ValueError on CPU; not checked on an accelerator, where it would synchronise). None
-            buckets the labels by count on CPU (a host read) and uses n = B elsewhere (static shapes, no device
-            synchronisation).
+        group_size: padding size n of one block of per-label Gram matrices (static shapes, no host read), at least
+            the largest label count (a ValueError on CPU; not checked on an accelerator, where it would wait for the
+            device). None buckets the labels by count (a host read of the counts).
 
     Returns:
         (C,) float64; 0 for a label with no rows.
