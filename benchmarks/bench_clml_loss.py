@@ -1,6 +1,6 @@
 """Forward + backward time of CLMLLoss against the per-class SVD loop, run in the same process.
 
-    python benchmarks/bench_clml_loss.py [--device cpu|cuda] [--repeats 20] [--rounds 5]
+    python benchmarks/bench_clml_loss.py [--device cpu|cuda] [--repeats 50] [--rounds 5]
 
 Prints a markdown table: milliseconds per forward+backward (median over repeats) for B in {32, 64, 128},
 D in {512, 2048}, C in {20, 80}, about 3 positive labels per row, and the loop / CLMLLoss ratio. The two are timed
@@ -21,7 +21,7 @@ from clml_core.losses import CLMLLoss, clml_loss_reference
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=20, help="calls of each per cell")
+    parser.add_argument("--repeats", type=int, default=50, help="calls of each per cell")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds the calls are split into")
     parser.add_argument("--positives", type=float, default=3.0, help="mean positive labels per row")
     parser.add_argument("--seed", type=int, default=0)
