@@ -79,8 +79,8 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
     counts, labels = torch.sort(members.sum(1), stable=True)
     counts = counts.tolist()
     bounds = [bisect.bisect_right(counts, 0)]  # labels without rows are left out
-    while bounds[-1] < classes:  # one block per power of two: at most log2(B) + 1 blocks
-        bounds.append(bisect.bisect_right(counts, 1 << (counts[bounds[-1]] - 1).bit_length()))
+    while bounds[-1] < classes:  # one block per power of two from 2 on: at most log2(B) blocks
+        bounds.append(bisect.bisect_right(counts, max(2, 1 << (counts[bounds[-1]] - 1).bit_length())))
     start = bounds[0]
     spans = tuple((a - start, b - start, counts[b - 1]) for a, b in zip(bounds, bounds[1:]))
     labels = labels[start:]
