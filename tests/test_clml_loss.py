@@ -72,6 +72,24 @@ def test_terms_are_the_weighted_parts_of_the_loss():
     assert float(loss_fn(z, labels)) == float(terms.loss)
 
 
+def test_logged_terms_carry_their_own_gradients():
+    z, labels = _draw(12, 20, 6, seed=15)
+    loss_fn = CLMLLoss(lam=0.7, delta=2.0, local_weight=2.0, global_weight=3.0)
+    local, grad_local = _value_and_grad(lambda e, y: loss_fn.terms(e, y).local, z, labels)
+    global_, grad_global = _value_and_grad(lambda e, y: loss_fn.terms(e, y).global_, z, labels)
+    # clml_loss_reference is lam / B * (local - global_): lam = B and one weight at 0 leave one term.
+    ref_local, ref_grad_local = _value_and_grad(
+        lambda e, y: clml_loss_reference(e, y, lam=12.0, delta=2.0, local_weight=2.0, global_weight=0.0), z, labels
+    )
+    ref_global, ref_grad_global = _value_and_grad(
+        lambda e, y: -clml_loss_reference(e, y, lam=12.0, delta=2.0, local_weight=0.0, global_weight=3.0), z, labels
+    )
+    torch.testing.assert_close(local, ref_local, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_local, ref_grad_local, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(global_, ref_global, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_global, ref_grad_global, rtol=1e-8, atol=1e-10)
+
+
 def test_static_padding_equals_compact_padding():
     z, labels = _draw(20, 40, 12, seed=6)
     compact, grad_compact = _value_and_grad(lambda e, y: group_nuclear_norms(e, y).sum(), z, labels)

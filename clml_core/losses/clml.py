@@ -88,58 +88,107 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
     return _Groups(labels, rows[labels].topk(width, largest=False).values, spans)
 
 
-class _NuclearNorms(torch.autograd.Function):
-    """||Z||_* and ||Z_k||_* of every label group, from one float64 Gram matrix K = Z Z^T.
+def _norms_forward(z: Tensor, groups: _Groups | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """||Z||_* and the norms ||Z_k||_* of the labels of ``groups.classes`` as one float64 vector (1 + C',), from one
+    float64 Gram matrix K = Z Z^T, and the tensors their backward needs.
 
     The Gram matrix of Z_k is K[S_k, S_k]; ||Z_k||_* = tr sqrt(K[S_k, S_k]) is the sum of the square roots of its
-    kept eigenvalues. Returns ||Z||_* (0-dim) and the norms (C',) of the labels of ``groups.classes``, in float64.
+    kept eigenvalues.
     """
+    batch, dim = z.shape
+    z64 = z.double()  # autocast leaves float64 alone, so everything below runs in float64 under it too
+    gram = z64 @ z64.T
+    # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
+    finite = torch.isfinite(gram).all()
+    gram = torch.where(finite, gram, 0.0)
+    evals, evecs = _eigh(gram)
+    evals, local = evals[None], ()
+    if groups is not None:
+        # Flat positions of every label's sub-matrix in the (B + 1, B + 1) Gram matrix with a zero last row.
+        pairs = groups.rows[:, :, None] * (batch + 1) + groups.rows[:, None, :]  # (C', w, w)
+        subs = torch.nn.functional.pad(gram, (0, 1, 0, 1)).view(-1)[pairs]
+        local_evals = gram.new_zeros(pairs.shape[0], batch)  # zeros are never kept
+        vectors = gram.new_zeros(subs.shape)  # (C', w, w), zero outside each label's n x n block
+        for a, b, n in groups.spans:
+            local_evals[a:b, :n], vectors[a:b, :n, :n] = _eigh(subs[a:b, :n, :n])
+        evals = torch.cat([evals, local_evals])  # (1 + C', B): every label at once from here on
+        local = (pairs, vectors)
+    # NumPy's matrix_rank tolerance for a max(B, D)-sized matrix, never below what a float64 Gram resolves.
+    size = max(batch, dim)
+    eps = torch.finfo(torch.promote_types(z.dtype, torch.float32)).eps
+    rtol = max(size * eps, (size * torch.finfo(torch.float64).eps) ** 0.5)
+    tol = evals.amax(-1, keepdim=True).clamp(min=0) * rtol**2
+    root = torch.where(evals > tol, evals, 0.0).sqrt()  # (1 + C', B) singular values
+    return torch.where(finite, root.sum(-1), math.nan), (z, root, evecs, *local)
+
+
+def _norms_backward(saved: tuple[Tensor, ...], grad_values: Tensor) -> Tensor:
+    """dZ for the gradient ``grad_values`` (1 + C',) of the vector of :func:`_norms_forward`."""
+    z, root, evecs, *local = saved
+    # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues.
+    scaled = torch.where(root > 0, 0.5 / root, 0.0) * grad_values[:, None]
+    grad_gram = (evecs * scaled[0]) @ evecs.T
+    if local:
+        pairs, vectors = local
+        grad_subs = (vectors * scaled[1:, None, : pairs.shape[-1]]) @ vectors.mT  # (C', w, w)
+        padded = torch.nn.functional.pad(grad_gram, (0, 1, 0, 1)).view(-1)
+        padded.index_add_(0, pairs.view(-1), grad_subs.view(-1))
+        grad_gram = padded.view(z.shape[0] + 1, -1)[:-1, :-1]
+    # K = Z Z^T and a symmetric dK give dZ = 2 dK Z, in the precision of the embeddings (at least float32).
+    work = torch.promote_types(z.dtype, torch.float32)
+    return ((2 * grad_gram).to(work) @ z.to(work)).to(z.dtype)
+
+
+class _NuclearNorms(torch.autograd.Function):
+    """||Z||_* (0-dim) and the norms (C',) of the labels of ``groups.classes``, in float64."""
 
     @staticmethod
     def forward(ctx, z: Tensor, groups: _Groups | None) -> tuple[Tensor, Tensor]:
-        batch, dim = z.shape
-        z64 = z.double()
-        gram = z64 @ z64.T
-        # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
-        finite = torch.isfinite(gram).all()
-        gram = torch.where(finite, gram, 0.0)
-        evals, evecs = _eigh(gram)
-        evals, pairs, vectors = evals[None], (), ()
-        if groups is not None:
-            # Flat positions of every label's sub-matrix in the (B + 1, B + 1) Gram matrix with a zero last row.
-            pairs = groups.rows[:, :, None] * (batch + 1) + groups.rows[:, None, :]  # (C', w, w)
-            subs = torch.nn.functional.pad(gram, (0, 1, 0, 1)).view(-1)[pairs]
-            local_evals = gram.new_zeros(pairs.shape[0], batch)  # zeros are never kept
-            vectors = gram.new_zeros(subs.shape)  # (C', w, w), zero outside each label's n x n block
-            for a, b, n in groups.spans:
-                local_evals[a:b, :n], vectors[a:b, :n, :n] = _eigh(subs[a:b, :n, :n])
-            evals = torch.cat([evals, local_evals])  # (1 + C', B): every label at once from here on
-            pairs, vectors = (pairs,), (vectors,)
-        # NumPy's matrix_rank tolerance for a max(B, D)-sized matrix, never below what a float64 Gram resolves.
-        size = max(batch, dim)
-        eps = torch.finfo(torch.promote_types(z.dtype, torch.float32)).eps
-        rtol = max(size * eps, (size * torch.finfo(torch.float64).eps) ** 0.5)
-        tol = evals.amax(-1, keepdim=True).clamp(min=0) * rtol**2
-        root = torch.where(evals > tol, evals, 0.0).sqrt()  # (1 + C', B) singular values
-        ctx.save_for_backward(z, root, evecs, *pairs, *vectors)
-        values = torch.where(finite, root.sum(-1), math.nan)
+        values, saved = _norms_forward(z, groups)
+        ctx.save_for_backward(*saved)
         return values[0], values[1:]
 
     @staticmethod
     def backward(ctx, grad_norm: Tensor, grad_norms: Tensor) -> tuple[Tensor, None]:
-        z, root, evecs, *local = ctx.saved_tensors
-        # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues.
-        scaled = torch.where(root > 0, 0.5 / root, 0.0) * torch.cat([grad_norm[None], grad_norms])[:, None]
-        grad_gram = (evecs * scaled[0]) @ evecs.T
-        if local:
-            pairs, vectors = local
-            grad_subs = (vectors * scaled[1:, None, : pairs.shape[-1]]) @ vectors.mT  # (C', w, w)
-            padded = torch.nn.functional.pad(grad_gram, (0, 1, 0, 1)).view(-1)
-            padded.index_add_(0, pairs.view(-1), grad_subs.view(-1))
-            grad_gram = padded.view(z.shape[0] + 1, -1)[:-1, :-1]
-        # K = Z Z^T and a symmetric dK give dZ = 2 dK Z, in the precision of the embeddings (at least float32).
-        work = torch.promote_types(z.dtype, torch.float32)
-        return ((2 * grad_gram).to(work) @ z.to(work)).to(z.dtype), None
+        return _norms_backward(ctx.saved_tensors, torch.cat([grad_norm[None], grad_norms])), None
+
+
+class _Weights(NamedTuple):
+    """The CLML loss's constants for one batch: lam / B, delta, the term weights, labels without rows."""
+
+    scale: float
+    delta: float
+    local: float
+    global_: float
+    missing: int
+
+
+class _CLMLFunction(torch.autograd.Function):
+    """The CLML loss and its weighted local and global terms (0-dim, ``out_dtype``) in one autograd node."""
+
+    @staticmethod
+    def forward(
+        ctx, z: Tensor, groups: _Groups | None, weights: _Weights, out_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        values, saved = _norms_forward(z, groups)
+        norms = values[1:]
+        # Labels left out of ``norms`` have no rows and contribute delta each (all of them at local weight 0).
+        local = weights.local * (norms.clamp(min=weights.delta).sum() + weights.delta * weights.missing)
+        global_ = weights.global_ * values[0]
+        loss = weights.scale * (local - global_)
+        ctx.save_for_backward(*saved, norms >= weights.delta)  # where max(delta, .) passes the gradient
+        ctx.weights = weights
+        return loss.to(out_dtype), local.to(out_dtype), global_.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_local: Tensor, grad_global: Tensor) -> tuple[Tensor | None, ...]:
+        *saved, passes = ctx.saved_tensors
+        weights = ctx.weights
+        # d(loss, local, global_) / d(||Z||_*, ||Z_k||_*), applied to the incoming gradients.
+        grad_loss, grad_local, grad_global = grad_loss.double(), grad_local.double(), grad_global.double()
+        grad_norm = weights.global_ * (grad_global - weights.scale * grad_loss)
+        grad_norms = weights.local * (weights.scale * grad_loss + grad_local) * passes
+        return _norms_backward(saved, torch.cat([grad_norm[None], grad_norms])), None, None, None
 
 
 def _nuclear_norms(
@@ -264,14 +313,11 @@ class CLMLLoss(nn.Module):
         """
         _validate(embeddings, labels, self.check_values)
         batch, classes = labels.shape
+        groups = _label_groups(labels.bool().T, None) if self.local_weight else None
+        missing = classes - (groups.classes.shape[0] if groups is not None else 0)
+        weights = _Weights(self.lam / batch, self.delta, self.local_weight, self.global_weight, missing)
         out_dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            norm, norms, _ = _nuclear_norms(embeddings, labels.bool() if self.local_weight else None)
-            # Labels left out of ``norms`` have no rows and contribute delta each (all of them at local weight 0).
-            local = self.local_weight * (norms.clamp(min=self.delta).sum() + self.delta * (classes - norms.shape[0]))
-            global_ = self.global_weight * norm  # also at weight 0: keeps the loss attached to the graph
-            loss = self.lam / batch * (local - global_)
-        return CLMLTerms(loss.to(out_dtype), local.to(out_dtype), global_.to(out_dtype))
+        return CLMLTerms(*_CLMLFunction.apply(embeddings, groups, weights, out_dtype))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """CLML loss (0-dim) for embeddings (B, D) and labels (B, C); see :meth:`terms`."""
