@@ -16,8 +16,8 @@ bucketed by their count (n up to the next power of two), since eigh costs grow f
 the host: free on a CPU; on CUDA ``torch.linalg.eigh`` synchronises with the host anyway (as PyTorch documents), and
 its batched solver is used only up to n = 32 (pytorch/pytorch#175585), so padding every label to B would send all of
 them through a per-matrix loop (not timed here: no GPU was available). The cost is then one (B, D) x (D, B) product
-and small eigen-decompositions instead of C SVDs of (n_k, D) matrices; one autograd Function holds it all, with a
-backward of one (B, B) x (B, D) product.
+and small eigen-decompositions instead of C SVDs of (n_k, D) matrices, in one autograd node (the loss's constants
+included) whose backward is one (B, B) x (B, D) product.
 
 Gradient and subgradient. d tr sqrt(G) / dG = G^{-1/2} / 2, which gives the familiar dZ_k = U V^T of the nuclear
 norm. At rank-deficient points (duplicate rows, a label with one zero row, all-zero embeddings) the nuclear norm is
