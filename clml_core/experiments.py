@@ -2,7 +2,7 @@
 
 A run is named by its group, variant and seed and lives in ``root/group/variant/seed{seed}``. A run whose
 ``results.json`` exists is skipped; one with a checkpoint is resumed, so an interrupted study continues where it
-stopped. Runs go through :func:`clml_core.train.train` in worker processes, one thread each.
+stopped. Runs go through :func:`clml_core.engine.train` in worker processes, one thread each.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def sensitivity_grid(
 
 def _run_one(args: tuple[RunSpec, str, bool]) -> str:
     spec, root, force = args
-    from clml_core.train import train  # imported in the worker
+    from clml_core.engine import train  # imported in the worker
 
     folder = spec.folder(Path(root))
     if force and folder.exists():
@@ -163,7 +163,7 @@ def _run_one(args: tuple[RunSpec, str, bool]) -> str:
 
 def _prepare_data(specs: Sequence[RunSpec]) -> None:
     """Generate or load each distinct dataset once, before worker processes would race to create it."""
-    from clml_core.train import build_splits
+    from clml_core.data.splits import build_splits
 
     seen = set()
     for spec in specs:

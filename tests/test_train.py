@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from clml_core import train as train_module
+from clml_core import engine as engine_module
 from clml_core.config import resolve_config
+from clml_core.engine import NonFiniteLossError, train
 from clml_core.losses import CLMLLoss
 from clml_core.losses.authors import AuthorsCLMLLoss
 from clml_core.paths import PROJ_ROOT
-from clml_core.train import NonFiniteLossError, train
 
 FAST = {
     "progress": False,
@@ -112,14 +112,14 @@ def test_resume_with_another_config_is_refused(finished_run, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     config = _config()
-    original = train_module.Trainer._train_step
+    original = engine_module.Trainer._train_step
 
     def poisoned(self, images, observed, index):
         if self.epoch == 1:
             images = images * float("nan")
         return original(self, images, observed, index)
 
-    monkeypatch.setattr(train_module.Trainer, "_train_step", poisoned)
+    monkeypatch.setattr(engine_module.Trainer, "_train_step", poisoned)
     with pytest.raises(NonFiniteLossError, match="epoch 1 step 0.*last good checkpoint"):
         train(config, tmp_path / "e")
     state = torch.load(tmp_path / "e" / "checkpoints" / "last.pt", weights_only=False)

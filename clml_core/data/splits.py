@@ -1,0 +1,115 @@
+"""Train / validation / test datasets of a run, with the missing-label protocol applied.
+
+Model selection uses the validation split only: for real datasets it is carved from train (seeded by
+``data.protocol_seed``); the embedded benchmark generates its own. Train and validation carry the observed labels
+(the protocol's output); test keeps its full labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clml_core.config import TrainConfig
+from clml_core.data.cache import build_packed_cache
+from clml_core.data.coco import load_coco
+from clml_core.data.dataset import MultiLabelDataset
+from clml_core.data.nuswide import load_nuswide
+from clml_core.data.protocols import keep_fraction, read_observed, single_positive, train_val_split
+from clml_core.data.synthetic import SyntheticConfig, load_synthetic
+from clml_core.data.transforms import eval_transform, train_transform
+from clml_core.data.voc import load_voc
+from clml_core.paths import DATA_DIR
+
+#: Sizes of the embedded benchmark selected by ``data.synthetic_size``.
+SYNTHETIC_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_train": 384, "n_val": 128, "n_test": 256},
+    "default": {},
+}
+
+
+@dataclass
+class Splits:
+    """Train / validation / test datasets; ``observed`` holds the labels training may use."""
+
+    train: MultiLabelDataset
+    val: MultiLabelDataset
+    test: MultiLabelDataset
+
+
+def _image_names(dataset: MultiLabelDataset) -> list[str]:
+    if dataset.image_paths is not None:
+        return [Path(p).name for p in dataset.image_paths]
+    return [f"{dataset.name or 'image'}_{i:06d}" for i in range(len(dataset))]
+
+
+def _apply_protocol(config: TrainConfig, dataset: MultiLabelDataset, seed: int) -> MultiLabelDataset:
+    data = config.data
+    if data.protocol == "full":
+        return dataset.with_observed(dataset.labels)
+    if data.protocol == "keep_fraction":
+        return dataset.with_observed(keep_fraction(dataset.labels, data.fraction, seed))
+    if data.protocol == "single_positive":
+        return dataset.with_observed(single_positive(dataset.labels, seed))
+    observed = read_observed(data.observed_file, _image_names(dataset), dataset.num_classes)
+    return dataset.with_observed(observed)
+
+
+def _load_real(config: TrainConfig) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+    data = config.data
+    if data.dataset == "coco":
+        return load_coco(data.root, data.train_split or "train2014"), load_coco(data.root, data.test_split or "val2014")
+    if data.dataset == "voc":
+        train = load_voc(data.root, "2007", data.train_split or "trainval")
+        return train, load_voc(data.root, "2007", data.test_split or "test")
+    return (
+        load_nuswide(data.root, data.train_split or "nus_train_full.txt"),
+        load_nuswide(data.root, data.test_split or "nus_val.txt"),
+    )
+
+
+def build_splits(config: TrainConfig) -> Splits:
+    """Datasets with the missing-label protocol applied to train and validation (test keeps its full labels)."""
+    data = config.data
+    if data.dataset == "synthetic":
+        size = SYNTHETIC_SIZES[data.synthetic_size]
+        synthetic = SyntheticConfig(image_size=data.image_size, seed=data.synthetic_seed, **size)
+        parts = load_synthetic(synthetic, progress=config.progress)
+        train = _apply_protocol(config, parts["train"], data.protocol_seed)
+        val = _apply_protocol(config, parts["val"], data.protocol_seed + 1)
+        test = parts["test"]
+    else:
+        full_train, test = _load_real(config)
+        observed_train = _apply_protocol(config, full_train, data.protocol_seed)
+        train_idx, val_idx = train_val_split(
+            len(observed_train), data.val_fraction, data.protocol_seed, labels=observed_train.observed
+        )
+        train, val = observed_train.subset(train_idx), observed_train.subset(val_idx)
+    if data.limit_train:
+        train = train.subset(np.arange(min(data.limit_train, len(train))))
+    if data.val_labels == "full":
+        val = val.with_observed(val.labels)
+    if data.packed_cache and data.dataset != "synthetic":
+        caches = (Path(data.cache_dir) if data.cache_dir else DATA_DIR / "cache") / data.dataset
+        train, val, test = (
+            build_packed_cache(ds, data.image_size, caches / f"{name}-{data.image_size}px.npy").dataset(ds)
+            for name, ds in (("train", train), ("val", val), ("test", test))
+        )
+    size = data.image_size
+    augment = data.augment == "authors"
+    return Splits(
+        train=train.with_transform(
+            train_transform(size, randaugment=True, cutout=True) if augment else _plain(train, size)
+        ),
+        val=val.with_transform(_plain(val, size)),
+        test=test.with_transform(_plain(test, size)),
+    )
+
+
+def _plain(dataset: MultiLabelDataset, size: int):
+    """No per-item work for in-memory images of the right size: batches are converted to float on the device."""
+    if dataset.image_paths is None and tuple(dataset.read_image(0).shape[-2:]) == (size, size):
+        return None
+    return eval_transform(size)

@@ -1,0 +1,484 @@
+"""The training engine, shared by the notebooks and the command line (:mod:`clml_core.train`).
+
+A run folder holds ``config.yaml`` (the resolved configuration), ``run_info.json`` (git sha, versions, the checksum
+of the observed labels), ``metrics.csv`` (one row per epoch), ``results.json`` and ``checkpoints/``. Every file is
+written atomically. Model selection uses the validation split only (carved from train, scored with the labels that
+training can see unless ``data.val_labels=full``); the test split is scored once, with the selected weights.
+
+Resuming: the data order and every augmentation are functions of (seed, epoch, index), and a checkpoint holds the
+model, optimiser, schedule, EMA, loss scaler, the epoch's running sums and the random states, so a resumed run, even
+one killed mid-epoch, ends with the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from clml_core import distributed as dist_utils
+from clml_core.config import TrainConfig, from_dict, to_dict
+from clml_core.correction import CorrectionQuality, correct_labels, correction_quality
+from clml_core.data import MultiLabelDataset, labels_checksum
+from clml_core.data.splits import build_splits
+from clml_core.devices import autocast, select_device, to_input
+from clml_core.evaluate import predict
+from clml_core.losses import CLMLLoss, make_base_loss
+from clml_core.losses.authors import AuthorsCLMLLoss
+from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
+from clml_core.models import MultiLabelNet, build_model, param_groups
+from clml_core.runio import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    run_info,
+    write_metrics_csv,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; the run stopped and its last good checkpoint was kept."""
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """Item i of epoch e is drawn under its own seed, so augmentation does not depend on workers or resumption."""
+
+    def __init__(self, dataset: MultiLabelDataset, seed: int, epoch: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> Tensor:
+    """The permutation of training items in an epoch, a pure function of (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.randperm(num_items, generator=generator)
+
+
+def _train_batches(
+    dataset: MultiLabelDataset, config: TrainConfig, epoch: int, start_step: int
+) -> tuple[Iterator[tuple[Tensor, Tensor, Tensor]], int]:
+    """Batches of this rank for one epoch from ``start_step`` on, and the number of steps in the whole epoch."""
+    batch, world, rank = config.optim.batch_size, dist_utils.world_size(), dist_utils.rank()
+    steps = len(dataset) // (batch * world)
+    if steps == 0:
+        raise ValueError(f"training set of {len(dataset)} images is smaller than one global batch ({batch * world})")
+    order = epoch_order(len(dataset), config.seed, epoch)
+    batches = [
+        order[(step * world + rank) * batch : (step * world + rank + 1) * batch].tolist()
+        for step in range(start_step, steps)
+    ]
+    items = _SeededItems(dataset, config.seed, epoch) if config.data.augment != "none" else dataset
+    loader = torch.utils.data.DataLoader(
+        items,
+        batch_sampler=batches,
+        num_workers=config.data.workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return iter(loader), steps
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def _build_model(config: TrainConfig, num_classes: int, device: torch.device) -> MultiLabelNet:
+    model = build_model(
+        config.model.arch,
+        num_classes,
+        weights=config.model.weights,
+        proj_dim=config.model.proj_dim,
+        widths=config.model.widths,
+    )
+    model = model.to(device)
+    if config.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# --------------------------------------------------------------------------------------------- train state
+
+
+@dataclass
+class _EpochSums:
+    """Running sums of one epoch, part of every checkpoint so a resumed epoch logs what an uninterrupted one does."""
+
+    steps: int = 0
+    loss: float = 0.0
+    base: float = 0.0
+    clml: float = 0.0
+    local: float = 0.0
+    global_: float = 0.0
+    correction: CorrectionQuality = field(default_factory=CorrectionQuality)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run in one folder. Use :func:`train` unless you need the pieces."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | Path) -> None:
+        self.config = config
+        self.out = Path(out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = select_device(config.device)
+        self.main = dist_utils.is_main_process()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        seed_everything(config.seed)
+        self.splits = build_splits(config)
+        num_classes = self.splits.train.num_classes
+        self.model = _build_model(config, num_classes, self.device)
+        self.net: nn.Module = self.model
+        if dist_utils.is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if config.model.compile:
+            self.net = torch.compile(self.net)
+        optim = config.optim
+        self.optimizer = torch.optim.Adam(param_groups(self.model, optim.weight_decay), lr=optim.lr)
+        self.steps_per_epoch = len(self.splits.train) // (optim.batch_size * dist_utils.world_size())
+        if optim.schedule == "onecycle":
+            self.scheduler: Any = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer,
+                max_lr=optim.lr,
+                total_steps=optim.epochs * max(self.steps_per_epoch, 1),
+                pct_start=optim.pct_start,
+            )
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay), use_buffers=True)
+            if optim.ema_decay > 0
+            else None
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=optim.amp == "fp16")
+        # Labels were validated when the datasets were built, and a non-finite loss stops the run with its own
+        # message, so the losses skip their per-call value checks (a device synchronisation each on a GPU).
+        loss_kwargs = dict(config.loss.kwargs)
+        self.base_loss = make_base_loss(
+            config.loss.base, reduction=config.loss.reduction, check_values=False, **loss_kwargs
+        )
+        clml = config.clml
+        if clml.authors_release:
+            self.clml_loss: nn.Module | None = AuthorsCLMLLoss(lam=clml.lam, delta=clml.delta)
+        elif clml.enabled:
+            self.clml_loss = CLMLLoss(clml.lam, clml.delta, clml.local_weight, clml.global_weight, check_values=False)
+        else:
+            self.clml_loss = None
+        # Where the run continues from.
+        self.epoch, self.step = 0, 0
+        self.sums = _EpochSums()
+        self.rows: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"val_map": -math.inf, "epoch": -1, "variant": None}
+
+    # ---- checkpoints
+
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "config": to_dict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "sums": self.sums,
+            "rows": self.rows,
+            "best": self.best,
+            "rng": _rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.main:
+            atomic_torch_save(self._checkpoint(), self.ckpt_dir / "last.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        saved = from_dict(state["config"])
+        if to_dict(saved) != to_dict(self.config):
+            diff = _config_diff(to_dict(saved), to_dict(self.config))
+            raise ValueError(f"{path}: cannot resume with a different configuration; changed fields: {diff}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.sums, self.rows, self.best = state["sums"], state["rows"], state["best"]
+        _set_rng_state(state["rng"])
+
+    # ---- one step
+
+    def _train_step(self, images: Tensor, observed: Tensor, index: Tensor) -> None:
+        config, device = self.config, self.device
+        images = to_input(images, config, device)
+        observed = observed.to(device, non_blocking=True)
+        clml = config.clml
+        # Correction feeds the CLML groups, and the base loss too with correct_base (also without a CLML term).
+        correcting = (
+            clml.correction
+            and (clml.enabled or clml.authors_release or clml.correct_base)
+            and self.epoch >= clml.correction_start_epoch
+        )
+        with autocast(config, device):
+            out = self.net(images)
+            logits = out.logits.detach().float()
+            corrected = correct_labels(observed, logits, clml.tau, check_values=False) if correcting else observed
+            base_targets = corrected if correcting and clml.correct_base else observed
+            loss_kwargs: dict[str, Any] = {"correction_active": self.epoch >= config.loss.splc_start_epoch}
+            if config.loss.base == "ll-r":
+                loss_kwargs["reject_rate"] = min(1.0, config.loss.llr_rate_per_epoch * self.epoch)
+            base = self.base_loss(out.logits.float(), base_targets, **loss_kwargs)
+            if config.loss.reduction == "sum":
+                base = base * dist_utils.world_size()  # see clml_core.distributed: the rank average is the sum
+            loss = base
+            local = global_ = clml_value = torch.zeros((), device=device)
+            if self.clml_loss is not None:
+                embeddings = dist_utils.gather_with_grad(out.embeddings)
+                groups = dist_utils.gather_no_grad(corrected)
+                if isinstance(self.clml_loss, CLMLLoss):
+                    terms = self.clml_loss.terms(embeddings, groups)
+                    clml_value, local, global_ = terms.loss, terms.local, terms.global_
+                else:
+                    clml_value = self.clml_loss(embeddings.float(), groups)
+                loss = base + clml_value
+        # One device-to-host read per step for the finiteness check and the logged terms.
+        loss_value, base_value, clml_item, local_value, global_value = (
+            torch.stack([loss, base, clml_value, local, global_]).detach().double().tolist()
+        )
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at epoch {self.epoch} step {self.step} (base {base_value:.4g}, "
+                f"CLML {clml_item:.4g}); the run stopped. The last good checkpoint is "
+                f"{self.ckpt_dir / 'last.pt'}; lower optim.lr or check the data before --resume."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        static_scale = config.optim.loss_scale
+        if static_scale:
+            (loss * static_scale).backward()
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.grad.div_(static_scale)
+        else:
+            self.scaler.scale(loss).backward()
+        if config.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        sums = self.sums
+        sums.steps += 1
+        sums.loss += loss_value
+        sums.base += base_value / (dist_utils.world_size() if config.loss.reduction == "sum" else 1)
+        sums.clml += clml_item
+        sums.local += local_value
+        sums.global_ += global_value
+        if correcting:
+            full = torch.as_tensor(self.splits.train.labels[index.numpy()])
+            sums.correction = sums.correction + correction_quality(observed.cpu(), corrected.cpu(), full)
+
+    # ---- epochs
+
+    def _evaluate_epoch(self, seconds: float) -> None:
+        config, sums = self.config, self.sums
+        row: dict[str, Any] = {
+            "epoch": self.epoch,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": sums.loss / max(sums.steps, 1),
+            "train_base": sums.base / max(sums.steps, 1),
+            "train_clml": sums.clml / max(sums.steps, 1),
+            "train_local": sums.local / max(sums.steps, 1),
+            "train_global": sums.global_ / max(sums.steps, 1),
+            "corr_precision": sums.correction.precision,
+            "corr_recall": sums.correction.recall,
+            "corr_recovered": sums.correction.n_recovered,
+            "seconds": seconds,
+        }
+        if self.main:
+            val = self.splits.val
+            candidates = {"model": self.model}
+            if self.ema is not None:
+                candidates["ema"] = self.ema.module
+            for variant, net in candidates.items():
+                pred = predict(net, val, config, self.device)
+                score = mean_average_precision(pred["observed"], pred["scores"])
+                row["val_map" if variant == "model" else "val_map_ema"] = score
+                if score > self.best["val_map"]:
+                    self.best = {"val_map": score, "epoch": self.epoch, "variant": variant}
+                    atomic_torch_save(net.state_dict(), self.ckpt_dir / "best.pt")
+            self.model.train()
+        self.rows.append(row)
+        if self.main:
+            write_metrics_csv(self.out / "metrics.csv", self.rows)
+
+    def fit(self, max_steps: int | None = None) -> bool:
+        """Train until the last epoch (True) or until ``max_steps`` steps were taken in this call (False)."""
+        config = self.config
+        last_epoch = config.optim.stop_epoch or config.optim.epochs
+        taken = 0
+        self.model.train()
+        while self.epoch < last_epoch:
+            started = time.perf_counter()
+            batches, steps = _train_batches(self.splits.train, config, self.epoch, self.step)
+            bar = tqdm(
+                batches,
+                total=steps,
+                initial=self.step,
+                desc=f"{config.name} epoch {self.epoch + 1}/{last_epoch}",
+                disable=not (config.progress and self.main),
+                leave=False,
+            )
+            for images, observed, index in bar:
+                if max_steps is not None and taken >= max_steps:
+                    return False
+                self._train_step(images, observed, index)
+                self.step += 1
+                taken += 1
+                bar.set_postfix(loss=f"{self.sums.loss / self.sums.steps:.3g}")
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < steps:
+                    self.save_checkpoint()
+            bar.close()
+            self._evaluate_epoch(time.perf_counter() - started)
+            self.epoch, self.step, self.sums = self.epoch + 1, 0, _EpochSums()
+            self.save_checkpoint()
+            if dist_utils.is_distributed():
+                torch.distributed.barrier()
+        return True
+
+    def finish(self) -> dict[str, Any]:
+        """Score the selected weights on the test split once and write ``results.json`` (main process)."""
+        if not self.main:
+            return {}
+        best_model = copy.deepcopy(self.model)
+        best_model.load_state_dict(torch.load(self.ckpt_dir / "best.pt", map_location=self.device))
+        test = self.splits.test
+        pred = predict(best_model, test, self.config, self.device, embeddings=self.config.save_embeddings)
+        per_class = average_precision_per_class(test.labels, pred["scores"])
+        results = {
+            "test_map": mean_average_precision(test.labels, pred["scores"]),
+            "best_val_map": self.best["val_map"],
+            "best_epoch": self.best["epoch"],
+            "best_variant": self.best["variant"],
+            "test_threshold_metrics": threshold_metrics(test.labels, pred["scores"], 0.5),
+            "test_ap_per_class": dict(zip(test.classes, per_class.tolist())),
+            "final_corr_precision": self.rows[-1]["corr_precision"] if self.rows else math.nan,
+            "final_corr_recall": self.rows[-1]["corr_recall"] if self.rows else math.nan,
+            "train_seconds": sum(row["seconds"] for row in self.rows),
+            "epochs": len(self.rows),
+        }
+        if self.config.save_embeddings:
+            np.savez_compressed(
+                self.out / "test_embeddings.npz",
+                embeddings=pred["embeddings"],
+                scores=pred["scores"],
+                labels=test.labels,
+                classes=np.array(test.classes),
+            )
+        atomic_write_json(self.out / "results.json", results)
+        return results
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
+def train(
+    config: TrainConfig, out_dir: str | Path, *, resume: bool = False, max_steps: int | None = None
+) -> dict[str, Any]:
+    """Train one run into ``out_dir`` and return its results (the content of ``results.json``).
+
+    Args:
+        config: a resolved configuration (see :func:`clml_core.config.resolve_config`).
+        out_dir: the run folder.
+        resume: continue from ``out_dir/checkpoints/last.pt`` (an error if the configuration differs).
+        max_steps: stop after this many optimiser steps in this call, leaving the checkpoints as a crash would
+            (for tests of resumption); the return value is then ``{}``.
+
+    Raises:
+        FileExistsError: ``out_dir`` already holds a run and ``resume`` is False.
+        NonFiniteLossError: the loss became NaN or Inf.
+    """
+    out = Path(out_dir)
+    last = out / "checkpoints" / "last.pt"
+    if not resume and (last.exists() or (out / "results.json").exists()):
+        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) or choose another folder")
+    trainer = Trainer(config, out)
+    if trainer.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        info_path = out / "run_info.json"
+        if not (resume and info_path.exists()):
+            atomic_write_json(
+                info_path,
+                run_info(
+                    {
+                        "observed_train_checksum": labels_checksum(trainer.splits.train.observed),
+                        "observed_val_checksum": labels_checksum(trainer.splits.val.observed),
+                        "n_train": len(trainer.splits.train),
+                        "n_val": len(trainer.splits.val),
+                        "n_test": len(trainer.splits.test),
+                        "world_size": dist_utils.world_size(),
+                        "device": str(trainer.device),
+                    }
+                ),
+            )
+    if resume and last.exists():
+        trainer.load_checkpoint(last)
+    if not trainer.fit(max_steps):
+        return {}
+    return trainer.finish()
