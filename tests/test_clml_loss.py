@@ -52,6 +52,68 @@ def test_float32_matches_float64_loop(batch, dim, classes):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
 
 
+def _ill_conditioned(kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-ReLU (non-negative) float64 batches (48, 96) with large norms where training drives the CLML term.
+
+    ``decades4`` / ``decades6``: singular values over 4 / 6 decades; ``duplicates``: every row has a near copy
+    (rows i and i + 24 differ by 1e-3 relative), and half of the labels hold such pairs.
+    """
+    batch, dim, classes = 48, 96, 12
+    g = torch.Generator().manual_seed(seed)
+    if kind == "duplicates":
+        base = torch.relu(torch.randn(batch // 2, dim, generator=g, dtype=torch.float64)) * 50
+        z = torch.cat([base, torch.relu(base + 0.05 * torch.randn(base.shape, generator=g, dtype=torch.float64))])
+    else:
+        decades = int(kind.removeprefix("decades"))
+        u = torch.linalg.qr(torch.randn(batch, batch, generator=g, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(dim, batch, generator=g, dtype=torch.float64))[0]
+        a = (u * torch.logspace(0, 0.5 - decades, batch, dtype=torch.float64)) @ v.T
+        z = 1e3 * (a - a.min())  # the shift adds one large singular value (about one decade)
+    labels = torch.rand(batch, classes, generator=g) < 3.0 / classes
+    labels[:, : classes // 2] |= labels[:, : classes // 2].roll(batch // 2, 0)  # rows i and i + 24 together
+    return z, labels
+
+
+def _assert_float32_matches_float64_loop(z32, labels, value, grad):
+    # The reference runs on the float32 values themselves: they are the input, exactly representable in float64.
+    ref_value, ref_grad = _value_and_grad(clml_loss_reference, z32.double(), labels)
+    assert value.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-6, atol=0)
+    # 6 decades are at the edge of what a float64 Gram matrix resolves (about 1e-6 * s_max; float32 rounding of the
+    # result gives 6e-8): an error of 2e-7 of the largest entry remains there.
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * float(ref_grad.abs().max()))
+    assert float((grad.double() - ref_grad).norm() / ref_grad.norm()) < 1e-5
+
+
+ILL_CONDITIONED = ["decades4", "decades6", "duplicates"]
+
+
+@pytest.mark.parametrize("kind", ILL_CONDITIONED)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_ill_conditioned_post_relu_batches_match_the_float64_loop(kind, seed):
+    z, labels = _ill_conditioned(kind, seed)
+    z32 = z.float()
+    values = torch.linalg.svdvals(z32.double())
+    decades = float(torch.log10(values[0] / values[-1]))
+    assert (z32 >= 0).all() and float(z32.norm(dim=1).min()) > 50
+    if kind == "duplicates":
+        assert decades > 4  # condition number above 1e4
+    else:
+        assert int(kind.removeprefix("decades")) <= decades < int(kind.removeprefix("decades")) + 0.5
+    _assert_float32_matches_float64_loop(z32, labels, *_value_and_grad(CLMLLoss(), z32, labels))
+
+
+def test_second_derivatives_raise_instead_of_being_wrong():
+    z, labels = _draw(8, 6, 3, seed=16)
+    z.requires_grad_()
+    base = (z**3).sum()  # a term with a second derivative, which alone would otherwise make the result look valid
+    for value in (CLMLLoss()(z, labels), CLMLLoss().terms(z, labels).local, group_nuclear_norms(z, labels).sum()):
+        with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
+            torch.autograd.grad(base + value, z, create_graph=True)
+    (grad,) = torch.autograd.grad(base + CLMLLoss()(z, labels), z)  # a plain backward is unaffected
+    assert torch.isfinite(grad).all()
+
+
 def test_gradcheck():
     z, labels = _draw(6, 5, 3, seed=4)
     z.requires_grad_()
@@ -220,6 +282,16 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(grad_cuda.cpu(), grad, rtol=1e-4, atol=1e-5)
     static = group_nuclear_norms(z.cuda(), labels.cuda(), group_size=32)  # one padded block, static shapes
     torch.testing.assert_close(static.cpu(), group_nuclear_norms(z, labels), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ILL_CONDITIONED)
+def test_cuda_float32_ill_conditioned_with_tf32_allowed(kind, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    z, labels = _ill_conditioned(kind, seed=0)
+    z32 = z.float()
+    value, grad = _value_and_grad(CLMLLoss(check_values=False), z32.cuda(), labels.cuda())
+    _assert_float32_matches_float64_loop(z32, labels, value.cpu(), grad.cpu())
 
 
 @pytest.mark.parametrize(

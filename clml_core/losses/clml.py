@@ -22,10 +22,17 @@ included) whose backward is one (B, B) x (B, D) product.
 Gradient and subgradient. d tr sqrt(G) / dG = G^{-1/2} / 2, which gives the familiar dZ_k = U V^T of the nuclear
 norm. At rank-deficient points (duplicate rows, a label with one zero row, all-zero embeddings) the nuclear norm is
 not differentiable; we use the subgradient U_r V_r^T over the singular values above the tolerance
-``s_max * max(m * eps, sqrt(m * eps64))`` with m = max(B, D), eps that of float32 or of the input dtype if wider
-(NumPy's ``matrix_rank`` rule, floored at what a float64 Gram matrix resolves), and treat the rest as exactly
-zero. At Z_k = 0 that subgradient is 0. The authors' release drops singular values under an absolute
-1e-6 instead, which depends on the scale of the features.
+``s_max * sqrt(m * eps64)`` with m = max(B, D): the eigenvalues of a float64 Gram matrix carry an error of about
+``m * eps64 * s_max^2``, and what is below it is treated as exactly zero. At Z_k = 0 that subgradient is 0. The
+tolerance does not depend on the input dtype: float32 (or bfloat16) embeddings are exact float64 numbers, so a
+float32 batch is resolved as far as a float64 one, down to about 1e-6 * s_max (a spectrum over 6 decades). The
+backward product is taken in float64 as well: dK carries 1 / s for the smallest kept singular values and its product
+with Z cancels down to U V^T, which float32 (or TF32, which does not touch float64) would lose. The authors' release
+drops singular values under an absolute 1e-6 instead, which depends on the scale of the features.
+
+Second derivatives are not implemented: a backward with ``create_graph=True`` (the first step of a Hessian-vector
+product) raises a RuntimeError. It raises at once rather than when the gradient is differentiated again, because a
+gradient that also depends on other terms (a base loss) would otherwise carry them alone, silently.
 
 The backward multiplies by the incoming gradient, so under AMP loss scaling (loss * S) the embedding gradient is
 scaled by S as well. The authors' release ignores the incoming gradient, which divides the CLML gradient by S.
@@ -113,18 +120,19 @@ def _norms_forward(z: Tensor, groups: _Groups | None) -> tuple[Tensor, tuple[Ten
             local_evals[a:b, :n], vectors[a:b, :n, :n] = _eigh(subs[a:b, :n, :n])
         evals = torch.cat([evals, local_evals])  # (1 + C', B): every label at once from here on
         local = (pairs, vectors)
-    # NumPy's matrix_rank tolerance for a max(B, D)-sized matrix, never below what a float64 Gram resolves.
-    size = max(batch, dim)
-    eps = torch.finfo(torch.promote_types(z.dtype, torch.float32)).eps
-    rtol = max(size * eps, (size * torch.finfo(torch.float64).eps) ** 0.5)
-    tol = evals.amax(-1, keepdim=True).clamp(min=0) * rtol**2
+    # What a float64 Gram matrix resolves: eigenvalues carry an error of about max(B, D) * eps64 * lambda_max.
+    tol = evals.amax(-1, keepdim=True).clamp(min=0) * (max(batch, dim) * torch.finfo(torch.float64).eps)
     root = torch.where(evals > tol, evals, 0.0).sqrt()  # (1 + C', B) singular values
-    return torch.where(finite, root.sum(-1), math.nan), (z, root, evecs, *local)
+    return torch.where(finite, root.sum(-1), math.nan), (z64, root, evecs, *local)
 
 
 def _norms_backward(saved: tuple[Tensor, ...], grad_values: Tensor) -> Tensor:
-    """dZ for the gradient ``grad_values`` (1 + C',) of the vector of :func:`_norms_forward`."""
-    z, root, evecs, *local = saved
+    """dZ (B, D) float64 for the gradient ``grad_values`` (1 + C',) of the vector of :func:`_norms_forward`."""
+    if torch.is_grad_enabled():  # autograd runs a backward in grad mode only with create_graph=True
+        raise RuntimeError(
+            "CLMLLoss: second derivatives are not implemented; backward with create_graph=True is not supported"
+        )
+    z64, root, evecs, *local = saved
     # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues.
     scaled = torch.where(root > 0, 0.5 / root, 0.0) * grad_values[:, None]
     grad_gram = (evecs * scaled[0]) @ evecs.T
@@ -133,10 +141,9 @@ def _norms_backward(saved: tuple[Tensor, ...], grad_values: Tensor) -> Tensor:
         grad_subs = (vectors * scaled[1:, None, : pairs.shape[-1]]) @ vectors.mT  # (C', w, w)
         padded = torch.nn.functional.pad(grad_gram, (0, 1, 0, 1)).view(-1)
         padded.index_add_(0, pairs.view(-1), grad_subs.view(-1))
-        grad_gram = padded.view(z.shape[0] + 1, -1)[:-1, :-1]
-    # K = Z Z^T and a symmetric dK give dZ = 2 dK Z, in the precision of the embeddings (at least float32).
-    work = torch.promote_types(z.dtype, torch.float32)
-    return ((2 * grad_gram).to(work) @ z.to(work)).to(z.dtype)
+        grad_gram = padded.view(z64.shape[0] + 1, -1)[:-1, :-1]
+    # K = Z Z^T and a symmetric dK give dZ = 2 dK Z, in float64 (see the module docstring).
+    return 2 * grad_gram @ z64
 
 
 class _NuclearNorms(torch.autograd.Function):
@@ -146,11 +153,12 @@ class _NuclearNorms(torch.autograd.Function):
     def forward(ctx, z: Tensor, groups: _Groups | None) -> tuple[Tensor, Tensor]:
         values, saved = _norms_forward(z, groups)
         ctx.save_for_backward(*saved)
+        ctx.dtype = z.dtype
         return values[0], values[1:]
 
     @staticmethod
     def backward(ctx, grad_norm: Tensor, grad_norms: Tensor) -> tuple[Tensor, None]:
-        return _norms_backward(ctx.saved_tensors, torch.cat([grad_norm[None], grad_norms])), None
+        return _norms_backward(ctx.saved_tensors, torch.cat([grad_norm[None], grad_norms])).to(ctx.dtype), None
 
 
 class _Weights(NamedTuple):
@@ -178,6 +186,7 @@ class _CLMLFunction(torch.autograd.Function):
         loss = weights.scale * (local - global_)
         ctx.save_for_backward(*saved, norms >= weights.delta)  # where max(delta, .) passes the gradient
         ctx.weights = weights
+        ctx.dtype = z.dtype
         return loss.to(out_dtype), local.to(out_dtype), global_.to(out_dtype)
 
     @staticmethod
@@ -188,7 +197,8 @@ class _CLMLFunction(torch.autograd.Function):
         grad_loss, grad_local, grad_global = grad_loss.double(), grad_local.double(), grad_global.double()
         grad_norm = weights.global_ * (grad_global - weights.scale * grad_loss)
         grad_norms = weights.local * (weights.scale * grad_loss + grad_local) * passes
-        return _norms_backward(saved, torch.cat([grad_norm[None], grad_norms])), None, None, None
+        grad_z = _norms_backward(saved, torch.cat([grad_norm[None], grad_norms])).to(ctx.dtype)
+        return grad_z, None, None, None
 
 
 def _nuclear_norms(
