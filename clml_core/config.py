@@ -41,7 +41,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "smallcnn"  # smallcnn | resnet18 | resnet50 | resnet101
+    arch: str = "smallcnn"  # smallcnn | resnet18 | resnet50 | resnet101 | efficientnet_lite0 | efficientnet_lite2
     weights: str | None = None  # None | imagenet | a torchvision weights name | a local .pth path
     widths: list[int] | None = None  # stage widths of smallcnn (None: the model's default)
     proj_dim: int | None = None  # optional projection head; CLML then acts on its output

