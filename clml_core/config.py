@@ -300,11 +300,30 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError("config field 'data.observed_file': required when data.protocol is 'file'")
     if config.data.dataset != "synthetic" and not config.data.root:
         raise ValueError(f"config field 'data.root': required for dataset {config.data.dataset!r}")
+    _check_contradictions(config)
     for key in ("epochs", "batch_size"):
         if getattr(config.optim, key) < 1:
             raise ValueError(f"config field 'optim.{key}': must be >= 1")
     if not 0 <= config.optim.stop_epoch <= config.optim.epochs:
         raise ValueError("config field 'optim.stop_epoch': must be in [0, optim.epochs]")
+
+
+def _check_contradictions(config: TrainConfig) -> None:
+    """Fields that only mean something for another setting of a field: an error naming both, never ignored."""
+    data = config.data
+    if data.dataset == "synthetic":
+        for key in ("root", "train_split", "test_split"):
+            if getattr(data, key):
+                raise ValueError(
+                    f"config fields 'data.dataset' and 'data.{key}' contradict: data.{key}={getattr(data, key)!r} "
+                    "names real data, but data.dataset='synthetic' is the embedded benchmark, which reads no files; "
+                    f"set data.dataset to coco, voc or nuswide, or leave data.{key} empty"
+                )
+    if data.observed_file and data.protocol != "file":
+        raise ValueError(
+            f"config fields 'data.protocol' and 'data.observed_file' contradict: data.observed_file="
+            f"{data.observed_file!r} is read only with data.protocol='file', but data.protocol={data.protocol!r}"
+        )
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -26,7 +26,9 @@ gradient all-reduce.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -113,6 +115,23 @@ def setup_from_env(backend: str | None = None) -> DistInfo:
             backend or ("nccl" if cuda else "gloo"), init_method="env://", rank=global_rank, world_size=world
         )
     return DistInfo(global_rank, world, local_rank, device)
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks (for building a shared cache once).
+
+    The other ranks wait at a barrier until rank 0 has finished the block, so they find its result on disk. A
+    no-op without a process group.
+    """
+    if not is_distributed():
+        yield
+        return
+    if rank() != 0:
+        dist.barrier()
+    yield
+    if rank() == 0:
+        dist.barrier()
 
 
 def cleanup() -> None:

@@ -467,6 +467,11 @@ def train(
                 info_path,
                 run_info(
                     {
+                        "dataset": config.data.dataset,
+                        "data_root": config.data.root,
+                        "classes": trainer.splits.train.classes,
+                        "train_labels_checksum": labels_checksum(trainer.splits.train.labels),
+                        "test_labels_checksum": labels_checksum(trainer.splits.test.labels),
                         "observed_train_checksum": labels_checksum(trainer.splits.train.observed),
                         "observed_val_checksum": labels_checksum(trainer.splits.val.observed),
                         "n_train": len(trainer.splits.train),

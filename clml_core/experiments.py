@@ -75,6 +75,41 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def with_dataset(preset: str, overrides: dict[str, Any], dataset: str, data_root: str) -> dict[str, Any]:
+    """The notebooks' run overrides: ``overrides`` with the dataset their ``DATASET`` / ``DATA_ROOT`` parameters name.
+
+    ``python -m clml_core.study --profile paper -p DATA_ROOT=/data/coco`` trains on COCO (the paper profile's
+    ``DATASET``); ``-p DATASET=voc`` or ``-p DATASET=nuswide`` picks another. The result is resolved against
+    ``preset`` at once, so a contradiction (a ``DATA_ROOT`` with ``DATASET="synthetic"``, a real dataset without
+    a root, ``OVERRIDES`` naming another dataset) stops the notebook in its first cell, naming both sides.
+
+    Args:
+        preset: the runs' config preset (``clml_core.config.PRESETS``).
+        overrides: nested config overrides of every run (the notebooks' ``OVERRIDES``).
+        dataset: synthetic | coco | voc | nuswide.
+        data_root: the dataset's root folder; ``""`` for the embedded benchmark.
+
+    Returns:
+        ``overrides`` with ``data.dataset`` (and ``data.root`` when given) set.
+    """
+    data = dict(overrides.get("data", {}))
+    for key, value, param in (("dataset", dataset, "DATASET"), ("root", data_root, "DATA_ROOT")):
+        if key in data and data[key] != value:
+            raise ValueError(
+                f"notebook parameters {param}={value!r} and OVERRIDES data.{key}={data[key]!r} contradict; "
+                f"name the dataset through {param} only"
+            )
+    data["dataset"] = dataset
+    if data_root:
+        data["root"] = data_root
+    merged = {**overrides, "data": data}
+    try:
+        resolve_config(preset, overrides=merged)
+    except ValueError as error:
+        raise ValueError(f"notebook parameters DATASET={dataset!r}, DATA_ROOT={data_root!r}: {error}") from None
+    return merged
+
+
 def main_grid(
     preset: str,
     losses: Sequence[str],

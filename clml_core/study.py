@@ -2,7 +2,8 @@
 
     python -m clml_core.study --profile default            # the embedded benchmark on a CPU (the README's command)
     python -m clml_core.study --profile smoke              # seconds per notebook (the tests use it)
-    python -m clml_core.study --profile paper -p DATA_ROOT=/data/coco   # ResNet101 at 448 px on a GPU
+    python -m clml_core.study --profile paper -p DATA_ROOT=/data/coco   # ResNet101 at 448 px on a GPU, on COCO
+    python -m clml_core.study --profile paper -p DATASET=voc -p DATA_ROOT=/data/voc   # VOC (nuswide likewise)
     python -m clml_core.study --only 04_paper_figures      # re-render figures and tables from saved results
 
 Executed notebooks go to ``runs/<profile>/notebooks/``, training runs to ``runs/<profile>/``, figures and tables
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +36,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "SMOKE": True,
         "PRESET": "smoke",
+        "DATASET": "synthetic",
         "SEED": 0,
         "SEEDS": [0],
         "LOSSES": ["bce", "hill"],
@@ -48,6 +51,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "SMOKE": False,
         "PRESET": "default",
+        "DATASET": "synthetic",
         "SEED": 0,
         "SEEDS": [0, 1, 2],
         "LOSSES": _LOSSES,
@@ -62,6 +66,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {
         "SMOKE": False,
         "PRESET": "paper",
+        "DATASET": "coco",  # -p DATASET=voc or -p DATASET=nuswide for the others; -p DATA_ROOT=... is required
         "SEED": 0,
         "SEEDS": [0],
         "LOSSES": _LOSSES,
@@ -81,6 +86,29 @@ def notebook_parameters(profile: str, run_root: Path, figures_dir: Path, force: 
     params.update({"PROFILE": profile, "RUN_ROOT": str(run_root), "FIGURES_DIR": str(figures_dir), "FORCE": force})
     params.update(extra)
     return params
+
+
+def _check_dataset(profile: str, params: dict[str, Any]) -> None:
+    """Fail before the first notebook when the profile's dataset cannot be resolved (no root, a contradiction)."""
+    from clml_core.experiments import with_dataset
+
+    dataset, root = params.get("DATASET", "synthetic"), params.get("DATA_ROOT", "")
+    if dataset != "synthetic" and not root:
+        raise ValueError(
+            f"profile {profile!r} trains on DATASET={dataset!r}: give its root folder with -p DATA_ROOT=/path "
+            "(and -p DATASET=voc or nuswide for another dataset)"
+        )
+    overrides = with_dataset(params["PRESET"], params.get("OVERRIDES", {}), dataset, root)
+    if dataset != "synthetic":
+        from clml_core.config import resolve_config
+        from clml_core.data.splits import load_sources
+
+        try:
+            load_sources(resolve_config(params["PRESET"], overrides=overrides))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"{error}\n(other splits: -p OVERRIDES='{{data: {{train_split: NAME, test_split: NAME}}}}')"
+            ) from None
 
 
 def run_study(
@@ -109,6 +137,7 @@ def run_study(
     executed = run_root / "notebooks"
     executed.mkdir(parents=True, exist_ok=True)
     params = notebook_parameters(profile, run_root, figures_dir, force, extra or {})
+    _check_dataset(profile, params)
     seconds: dict[str, float] = {}
     for name in names:
         started = time.perf_counter()
@@ -161,14 +190,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--param {item!r}: expected NAME=VALUE")
         name, value = item.split("=", 1)
         extra[name] = yaml.safe_load(value)
-    run_study(
-        args.profile,
-        only=args.only,
-        force=args.force,
-        run_root=args.run_root,
-        figures_dir=args.figures_dir,
-        extra=extra,
-    )
+    try:
+        run_study(
+            args.profile,
+            only=args.only,
+            force=args.force,
+            run_root=args.run_root,
+            figures_dir=args.figures_dir,
+            extra=extra,
+        )
+    except (ValueError, FileNotFoundError) as error:  # bad parameters or data, found before any notebook ran
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -256,10 +256,10 @@ def test_a_coco_layout_trains_through_the_packed_cache(tmp_path, write_image):
     )
     results = train(config, tmp_path / "run")
     assert 0 <= results["test_map"] <= 100
+    # One cache per source split; the train / validation carve indexes rows of the train2014 cache.
     assert sorted(p.name for p in (tmp_path / "cache" / "coco").glob("*.npy")) == [
-        "test-16px.npy",
-        "train-16px.npy",
-        "val-16px.npy",
+        "train2014-16px.npy",
+        "val2014-16px.npy",
     ]
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert (info["n_train"], info["n_val"], info["n_test"]) == (36, 12, 16)

@@ -240,6 +240,11 @@ class MultiLabelDataset(torch.utils.data.Dataset):
             return self._images
         return self._images[self._rows]
 
+    @property
+    def has_image_array(self) -> bool:
+        """Whether images come from an array (in memory or a packed cache) rather than decoded files."""
+        return self._images is not None
+
     def read_image(self, index: int) -> torch.Tensor:
         """Row ``index``'s image before the transform.
 

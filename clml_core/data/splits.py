@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clml_core import distributed as dist_utils
 from clml_core.config import TrainConfig
 from clml_core.data.cache import build_packed_cache
 from clml_core.data.coco import load_coco
@@ -57,17 +58,51 @@ def _apply_protocol(config: TrainConfig, dataset: MultiLabelDataset, seed: int) 
     return dataset.with_observed(observed)
 
 
-def _load_real(config: TrainConfig) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+#: The train and test split each real dataset reads when ``data.train_split`` / ``data.test_split`` are empty.
+DEFAULT_SPLITS: dict[str, tuple[str, str]] = {
+    "coco": ("train2014", "val2014"),
+    "voc": ("trainval", "test"),
+    "nuswide": ("nus_train_full.txt", "nus_val.txt"),
+}
+
+
+def split_names(config: TrainConfig) -> tuple[str, str]:
+    """The train and test split a real dataset reads: ``data.train_split`` / ``data.test_split`` or the defaults."""
+    default_train, default_test = DEFAULT_SPLITS[config.data.dataset]
+    return config.data.train_split or default_train, config.data.test_split or default_test
+
+
+def load_sources(config: TrainConfig) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+    """The whole train and test split of a real dataset as its files give them (no protocol, no carve).
+
+    Raises:
+        FileNotFoundError, ValueError: the loader's error, naming the missing or malformed file.
+    """
+    return tuple(_load_real(config, split) for split in split_names(config))
+
+
+def _load_real(config: TrainConfig, split: str) -> MultiLabelDataset:
     data = config.data
     if data.dataset == "coco":
-        return load_coco(data.root, data.train_split or "train2014"), load_coco(data.root, data.test_split or "val2014")
+        return load_coco(data.root, split)
     if data.dataset == "voc":
-        train = load_voc(data.root, "2007", data.train_split or "trainval")
-        return train, load_voc(data.root, "2007", data.test_split or "test")
-    return (
-        load_nuswide(data.root, data.train_split or "nus_train_full.txt"),
-        load_nuswide(data.root, data.test_split or "nus_val.txt"),
-    )
+        return load_voc(data.root, "2007", split)
+    return load_nuswide(data.root, split)
+
+
+def _packed(config: TrainConfig, dataset: MultiLabelDataset, split: str) -> MultiLabelDataset:
+    """``dataset`` (a whole source split) read from its packed cache, built once per split and image size.
+
+    Protocols and the train / validation carve index rows of this one cache. Under DDP rank 0 builds it while
+    the other ranks wait at a barrier, then open it.
+    """
+    data = config.data
+    folder = (Path(data.cache_dir) if data.cache_dir else DATA_DIR / "cache") / data.dataset
+    with dist_utils.rank_zero_first():
+        cache = build_packed_cache(
+            dataset, data.image_size, folder / f"{Path(split).stem}-{data.image_size}px.npy", progress=config.progress
+        )
+    return cache.dataset(dataset)
 
 
 def build_splits(config: TrainConfig) -> Splits:
@@ -81,7 +116,10 @@ def build_splits(config: TrainConfig) -> Splits:
         val = _apply_protocol(config, parts["val"], data.protocol_seed + 1)
         test = parts["test"]
     else:
-        full_train, test = _load_real(config)
+        train_split, test_split = split_names(config)
+        full_train, test = load_sources(config)
+        if data.packed_cache:
+            full_train, test = _packed(config, full_train, train_split), _packed(config, test, test_split)
         observed_train = _apply_protocol(config, full_train, data.protocol_seed)
         train_idx, val_idx = train_val_split(
             len(observed_train), data.val_fraction, data.protocol_seed, labels=observed_train.observed
@@ -91,17 +129,11 @@ def build_splits(config: TrainConfig) -> Splits:
         train = train.subset(np.arange(min(data.limit_train, len(train))))
     if data.val_labels == "full":
         val = val.with_observed(val.labels)
-    if data.packed_cache and data.dataset != "synthetic":
-        caches = (Path(data.cache_dir) if data.cache_dir else DATA_DIR / "cache") / data.dataset
-        train, val, test = (
-            build_packed_cache(ds, data.image_size, caches / f"{name}-{data.image_size}px.npy").dataset(ds)
-            for name, ds in (("train", train), ("val", val), ("test", test))
-        )
     size = data.image_size
     augment = data.augment == "authors"
     return Splits(
         train=train.with_transform(
-            train_transform(size, randaugment=True, cutout=True) if augment else _plain(train, size)
+            train_transform(size, randaugment=True, cutout=True, to_float=False) if augment else _plain(train, size)
         ),
         val=val.with_transform(_plain(val, size)),
         test=test.with_transform(_plain(test, size)),
@@ -109,7 +141,8 @@ def build_splits(config: TrainConfig) -> Splits:
 
 
 def _plain(dataset: MultiLabelDataset, size: int):
-    """No per-item work for in-memory images of the right size: batches are converted to float on the device."""
-    if dataset.image_paths is None and tuple(dataset.read_image(0).shape[-2:]) == (size, size):
+    """No per-item work for stored images of the right size, else a resize. Items stay uint8 (a quarter of the
+    bytes of float32); batches are converted to float on the device (:func:`clml_core.devices.to_input`)."""
+    if dataset.has_image_array and tuple(dataset.read_image(0).shape[-2:]) == (size, size):
         return None
-    return eval_transform(size)
+    return eval_transform(size, to_float=False)

@@ -69,14 +69,20 @@ class Cutout(nn.Module):
         return f"factor={self.factor}"
 
 
-def _to_float(normalize: bool) -> list[nn.Module]:
+def _to_float(normalize: bool, to_float: bool = True) -> list[nn.Module]:
+    if not to_float:
+        if normalize:
+            raise ValueError("normalize=True needs to_float=True: normalisation works on floats")
+        return []
     steps: list[nn.Module] = [v2.ToDtype(torch.float32, scale=True)]
     if normalize:
         steps.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return steps
 
 
-def train_transform(size: int, *, randaugment: bool = True, cutout: bool = True, normalize: bool = False) -> v2.Compose:
+def train_transform(
+    size: int, *, randaugment: bool = True, cutout: bool = True, normalize: bool = False, to_float: bool = True
+) -> v2.Compose:
     """The authors' training augmentation for uint8 images.
 
     Resize((size, size)) -> Cutout(0.5) -> RandAugment() -> float32 in [0, 1] (-> ImageNet normalisation).
@@ -86,9 +92,11 @@ def train_transform(size: int, *, randaugment: bool = True, cutout: bool = True,
         randaugment: Include RandAugment (2 ops, magnitude 9).
         cutout: Include :class:`Cutout` with factor 0.5.
         normalize: Subtract the ImageNet mean and divide by its std after scaling to [0, 1].
+        to_float: End with the float32 conversion. False keeps uint8 (a quarter of the bytes a DataLoader
+            worker hands over); the training engine converts on the device.
 
     Returns:
-        A callable mapping a (3, H, W) uint8 tensor to a (3, size, size) float32 tensor.
+        A callable mapping a (3, H, W) uint8 tensor to a (3, size, size) float32 (or uint8) tensor.
     """
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
@@ -97,19 +105,20 @@ def train_transform(size: int, *, randaugment: bool = True, cutout: bool = True,
         steps.append(Cutout(0.5))
     if randaugment:
         steps.append(v2.RandAugment())
-    return v2.Compose(steps + _to_float(normalize))
+    return v2.Compose(steps + _to_float(normalize, to_float))
 
 
-def eval_transform(size: int, *, normalize: bool = False) -> v2.Compose:
+def eval_transform(size: int, *, normalize: bool = False, to_float: bool = True) -> v2.Compose:
     """Deterministic evaluation transform: Resize((size, size)) -> float32 in [0, 1] (-> normalisation).
 
     Args:
         size: Output side in pixels.
         normalize: Subtract the ImageNet mean and divide by its std after scaling to [0, 1].
+        to_float: End with the float32 conversion; False keeps uint8 (see :func:`train_transform`).
 
     Returns:
-        A callable mapping a (3, H, W) uint8 tensor to a (3, size, size) float32 tensor.
+        A callable mapping a (3, H, W) uint8 tensor to a (3, size, size) float32 (or uint8) tensor.
     """
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
-    return v2.Compose([v2.Resize((size, size), antialias=True), *_to_float(normalize)])
+    return v2.Compose([v2.Resize((size, size), antialias=True), *_to_float(normalize, to_float)])
