@@ -7,12 +7,16 @@ overrides from the command line or a notebook. The resolved configuration is wri
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from clml_core.losses import BASE_LOSSES, CLMLLoss, make_base_loss
+from clml_core.models import ARCHS
 
 
 @dataclass
@@ -275,37 +279,108 @@ def resolve_config(
     return config
 
 
-def validate_config(config: TrainConfig) -> None:
-    """Check choices and ranges; raise ValueError naming the field."""
+#: Sizes of the embedded benchmark selected by ``data.synthetic_size`` (keyword arguments of SyntheticConfig).
+SYNTHETIC_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_train": 384, "n_val": 128, "n_test": 256},
+    "default": {},
+}
+
+
+def _nonfinite_field(obj: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first number that is nan or inf (none may slip through a YAML file or an override), sections recursed."""
+    for item in dataclasses.fields(obj):
+        value, key = getattr(obj, item.name), f"{prefix}{item.name}"
+        found = _nonfinite_field(value, f"{key}.") if dataclasses.is_dataclass(value) else None
+        if found is None and isinstance(value, float) and not math.isfinite(value):
+            found = key, value
+        if found is not None:
+            return found
+    return None
+
+
+def validate_config(config: TrainConfig, source: str = "") -> None:
+    """Check every field's choice, range and type before any data is loaded; raise ValueError naming the field.
+
+    The losses are built once here too, so a bad ``loss.kwargs`` entry or CLML weight fails now, not at the first
+    training step.
+    """
+
+    def fail(key: str, message: str) -> None:
+        raise ValueError(f"{source + ': ' if source else ''}config field {key!r}: {message}")
+
+    nonfinite = _nonfinite_field(config)
+    if nonfinite is not None:
+        fail(nonfinite[0], f"expected a finite number, got {nonfinite[1]}")
+    data, model, loss, clml, optim = config.data, config.model, config.loss, config.clml, config.optim
     choices = {
-        "data.dataset": (config.data.dataset, ("synthetic", "coco", "voc", "nuswide")),
-        "data.protocol": (config.data.protocol, ("full", "keep_fraction", "single_positive", "file")),
-        "data.val_labels": (config.data.val_labels, ("observed", "full")),
-        "data.augment": (config.data.augment, ("none", "authors")),
-        "loss.reduction": (config.loss.reduction, ("sum", "mean")),
-        "optim.schedule": (config.optim.schedule, ("onecycle", "constant")),
-        "optim.amp": (config.optim.amp, ("off", "bf16", "fp16")),
+        "data.dataset": (data.dataset, ("synthetic", "coco", "voc", "nuswide")),
+        "data.synthetic_size": (data.synthetic_size, tuple(SYNTHETIC_SIZES)),
+        "data.protocol": (data.protocol, ("full", "keep_fraction", "single_positive", "file")),
+        "data.val_labels": (data.val_labels, ("observed", "full")),
+        "data.augment": (data.augment, ("none", "authors")),
+        "model.arch": (model.arch, ARCHS),
+        "loss.reduction": (loss.reduction, ("sum", "mean")),
+        "optim.schedule": (optim.schedule, ("onecycle", "constant")),
+        "optim.amp": (optim.amp, ("off", "bf16", "fp16")),
         "device": (config.device, ("auto", "cpu", "cuda")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
-            raise ValueError(f"config field {key!r}: {value!r} is not one of {', '.join(valid)}")
-    if not 0.0 < config.data.fraction <= 1.0:
-        raise ValueError(f"config field 'data.fraction': must be in (0, 1], got {config.data.fraction}")
-    if not 0.0 < config.data.val_fraction < 1.0:
-        raise ValueError(f"config field 'data.val_fraction': must be in (0, 1), got {config.data.val_fraction}")
-    if not 0.0 < config.clml.tau < 1.0:
-        raise ValueError(f"config field 'clml.tau': must be in (0, 1), got {config.clml.tau}")
-    if config.data.protocol == "file" and not config.data.observed_file:
-        raise ValueError("config field 'data.observed_file': required when data.protocol is 'file'")
-    if config.data.dataset != "synthetic" and not config.data.root:
-        raise ValueError(f"config field 'data.root': required for dataset {config.data.dataset!r}")
+            fail(key, f"{value!r} is not one of {', '.join(valid)}")
+    minimum = {
+        "seed": (config.seed, 0),
+        "threads": (config.threads, 0),
+        "checkpoint_every": (config.checkpoint_every, 0),
+        "data.synthetic_seed": (data.synthetic_seed, 0),
+        "data.image_size": (data.image_size, 8),
+        "data.protocol_seed": (data.protocol_seed, 0),
+        "data.workers": (data.workers, 0),
+        "data.limit_train": (data.limit_train, 0),
+        "loss.splc_start_epoch": (loss.splc_start_epoch, 0),
+        "loss.llr_rate_per_epoch": (loss.llr_rate_per_epoch, 0),
+        "clml.correction_start_epoch": (clml.correction_start_epoch, 0),
+        "optim.epochs": (optim.epochs, 1),
+        "optim.batch_size": (optim.batch_size, 1),
+        "optim.weight_decay": (optim.weight_decay, 0),
+        "optim.loss_scale": (optim.loss_scale, 0),
+        "optim.grad_clip": (optim.grad_clip, 0),
+    }
+    for key, (value, low) in minimum.items():
+        if value < low:
+            fail(key, f"must be >= {low}, got {value}")
+    if not config.name or "/" in config.name:
+        fail("name", f"must be a non-empty name without '/', got {config.name!r}")
+    if not 0.0 < data.fraction <= 1.0:
+        fail("data.fraction", f"must be in (0, 1], got {data.fraction}")
+    if not 0.0 < data.val_fraction < 1.0:
+        fail("data.val_fraction", f"must be in (0, 1), got {data.val_fraction}")
+    if data.protocol == "file" and not data.observed_file:
+        fail("data.observed_file", "required when data.protocol is 'file'")
+    if data.dataset != "synthetic" and not data.root:
+        fail("data.root", f"required for dataset {data.dataset!r}")
     _check_contradictions(config)
-    for key in ("epochs", "batch_size"):
-        if getattr(config.optim, key) < 1:
-            raise ValueError(f"config field 'optim.{key}': must be >= 1")
-    if not 0 <= config.optim.stop_epoch <= config.optim.epochs:
-        raise ValueError("config field 'optim.stop_epoch': must be in [0, optim.epochs]")
+    if model.widths is not None and (not model.widths or min(model.widths) < 1):
+        fail("model.widths", f"must be a non-empty list of positive integers, got {model.widths}")
+    if model.proj_dim is not None and model.proj_dim < 1:
+        fail("model.proj_dim", f"must be None or >= 1, got {model.proj_dim}")
+    if not 0.0 < clml.tau < 1.0:
+        fail("clml.tau", f"must be in (0, 1), got {clml.tau}")
+    if not optim.lr > 0:
+        fail("optim.lr", f"must be > 0, got {optim.lr}")
+    if not 0 <= optim.stop_epoch <= optim.epochs:
+        fail("optim.stop_epoch", f"must be in [0, optim.epochs = {optim.epochs}], got {optim.stop_epoch}")
+    if not 0.0 < optim.pct_start < 1.0:
+        fail("optim.pct_start", f"must be in (0, 1), got {optim.pct_start}")
+    if not 0.0 <= optim.ema_decay < 1.0:
+        fail("optim.ema_decay", f"must be in [0, 1), got {optim.ema_decay}")
+    try:
+        make_base_loss(loss.base, reduction=loss.reduction, **loss.kwargs)
+    except (TypeError, ValueError) as error:
+        fail("loss.base" if loss.base not in BASE_LOSSES else "loss.kwargs", str(error))
+    for name in ("lam", "delta", "local_weight", "global_weight"):
+        if not getattr(clml, name) >= 0:
+            fail(f"clml.{name}", f"must be >= 0, got {getattr(clml, name)}")
+    CLMLLoss(clml.lam, clml.delta, clml.local_weight, clml.global_weight)
 
 
 def _check_contradictions(config: TrainConfig) -> None:
@@ -330,8 +405,34 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Inverse of :func:`to_dict` (e.g. a run folder's ``config.yaml``)."""
-    config = apply_updates(TrainConfig(), data, source="config")
-    validate_config(config)
+def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Inverse of :func:`to_dict` (e.g. a run folder's ``config.yaml``); ``source`` names it in errors."""
+    config = apply_updates(TrainConfig(), data, source=source)
+    validate_config(config, source)
     return config
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig | None:
+    """The configuration a run folder was trained with (its ``config.yaml``); None when there is none."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return from_dict(data, source=str(path))
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``["clml.lam: 1.0 -> 0.5", ...]``: the fields of two nested config dicts that differ."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed

@@ -1,20 +1,35 @@
 """The training engine, shared by the notebooks and the command line (:mod:`clml_core.train`).
 
 A run folder holds ``config.yaml`` (the resolved configuration), ``run_info.json`` (git sha, versions, the checksum
-of the observed labels), ``metrics.csv`` (one row per epoch), ``results.json`` and ``checkpoints/``. Every file is
-written atomically. Model selection uses the validation split only (carved from train, scored with the labels that
-training can see unless ``data.val_labels=full``); the test split is scored once, with the selected weights.
+of the observed labels, one record per resumption), ``metrics.csv`` (one row per epoch), ``results.json`` and
+``checkpoints/`` (see :mod:`clml_core.checkpoints`). Every file is written atomically. Model selection uses the
+validation split only (carved from train, scored with the labels that training can see unless
+``data.val_labels=full``); the test split is scored once, with the selected weights.
+
+A folder has one owner and one configuration: the training process holds ``train.lock`` (see
+:mod:`clml_core.runlock`); a resumed run trains with the folder's own ``config.yaml``, and a configuration that
+differs from it is refused before any file is written.
 
 Resuming: the data order and every augmentation are functions of (seed, epoch, index), and a checkpoint holds the
 model, optimiser, schedule, EMA, loss scaler, the epoch's running sums and the random states, so a resumed run, even
 one killed mid-epoch, ends with the same result as an uninterrupted one.
+
+Stopping: SIGTERM or SIGINT during training lets the current step finish, writes a checkpoint and raises
+:class:`RunInterrupted` (the command line exits with :data:`EXIT_INTERRUPTED`); a second signal stops at once, with
+the previous checkpoint kept. Before training starts and while the test split is scored, the first signal stops at
+once: nothing of the run is lost there, since every file is written atomically.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,8 +43,9 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from clml_core import checkpoints
 from clml_core import distributed as dist_utils
-from clml_core.config import TrainConfig, from_dict, to_dict
+from clml_core.config import TrainConfig, config_diff, read_run_config, to_dict
 from clml_core.correction import CorrectionQuality, correct_labels, correction_quality
 from clml_core.data import MultiLabelDataset, labels_checksum
 from clml_core.data.splits import build_splits
@@ -41,15 +57,32 @@ from clml_core.metrics import average_precision_per_class, mean_average_precisio
 from clml_core.models import MultiLabelNet, build_model, param_groups
 from clml_core.runio import (
     atomic_torch_save,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     run_info,
     write_metrics_csv,
 )
+from clml_core.runlock import RunLock
+
+#: Exit status of the command line when a signal stopped training after a checkpoint (EX_TEMPFAIL: run it again).
+EXIT_INTERRUPTED = 75
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf; the run stopped and its last good checkpoint was kept."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run; what was trained is checkpointed and ``--resume`` continues it.
+
+    Attributes:
+        signum: the signal's number.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -97,8 +130,15 @@ def _train_batches(
         batch_sampler=batches,
         num_workers=config.data.workers,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )
     return iter(loader), steps
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader workers leave SIGTERM and SIGINT to the main process, which stops the run cleanly."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -133,9 +173,40 @@ class _EpochSums:
     global_: float = 0.0
     correction: CorrectionQuality = field(default_factory=CorrectionQuality)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain numbers only, for a checkpoint."""
+        state = {name: getattr(self, name) for name in ("steps", "loss", "base", "clml", "local", "global_")}
+        correction = self.correction
+        state["correction"] = {
+            "n_missing": correction.n_missing,
+            "n_recovered": correction.n_recovered,
+            "n_true_recovered": correction.n_true_recovered,
+        }
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> _EpochSums:
+        values = dict(state)
+        values["correction"] = CorrectionQuality(**values["correction"])
+        return cls(**values)
+
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The random states as tensors and plain values (see :mod:`clml_core.checkpoints`)."""
+    numpy_state = np.random.get_state(legacy=False)
+    mt = numpy_state["state"]
+    python_version, python_key, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(mt["key"].astype(np.int64)),
+            "pos": int(mt["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "python": [python_version, list(python_key), python_gauss],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -143,8 +214,17 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    saved = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": saved["bit_generator"],
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+            "has_gauss": saved["has_gauss"],
+            "gauss": saved["gauss"],
+        }
+    )
+    version, key, gauss = state["python"]
+    random.setstate((version, tuple(key), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -212,10 +292,14 @@ class Trainer:
         self.sums = _EpochSums()
         self.rows: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"val_map": -math.inf, "epoch": -1, "variant": None}
+        # SIGTERM / SIGINT: the first sets stop_signal; while training, the run stops after the current step.
+        self.stop_signal: int | None = None
+        self.stage = "setup"  # setup | training | testing
 
     # ---- checkpoints
 
-    def _checkpoint(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        """The training checkpoint: plain tensors and values (see :mod:`clml_core.checkpoints`)."""
         return {
             "config": to_dict(self.config),
             "model": self.model.state_dict(),
@@ -225,7 +309,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
-            "sums": self.sums,
+            "sums": self.sums.state_dict(),
             "rows": self.rows,
             "best": self.best,
             "rng": _rng_state(),
@@ -233,14 +317,13 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.main:
-            atomic_torch_save(self._checkpoint(), self.ckpt_dir / "last.pt")
+            checkpoints.save(self.state_dict(), self.ckpt_dir)
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        saved = from_dict(state["config"])
-        if to_dict(saved) != to_dict(self.config):
-            diff = _config_diff(to_dict(saved), to_dict(self.config))
-            raise ValueError(f"{path}: cannot resume with a different configuration; changed fields: {diff}")
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        """Continue from a checkpoint read by :func:`clml_core.checkpoints.read` (``path`` names it in errors)."""
+        if state["config"] != to_dict(self.config):
+            diff = "; ".join(config_diff(state["config"], to_dict(self.config)))
+            raise ValueError(f"{path} was written by another configuration than this run's ({diff})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -248,8 +331,15 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
-        self.sums, self.rows, self.best = state["sums"], state["rows"], state["best"]
+        self.sums = _EpochSums.from_state_dict(state["sums"])
+        self.rows, self.best = state["rows"], state["best"]
         _set_rng_state(state["rng"])
+
+    def _last_checkpoint_text(self) -> str:
+        last = self.ckpt_dir / checkpoints.LAST
+        if last.exists():
+            return f"The last good checkpoint is {last}"
+        return "No checkpoint was written yet (the run stopped before its first one)"
 
     # ---- one step
 
@@ -293,8 +383,8 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"loss is {loss_value} at epoch {self.epoch} step {self.step} (base {base_value:.4g}, "
-                f"CLML {clml_item:.4g}); the run stopped. The last good checkpoint is "
-                f"{self.ckpt_dir / 'last.pt'}; lower optim.lr or check the data before --resume."
+                f"CLML {clml_item:.4g}); the run stopped. {self._last_checkpoint_text()}; lower optim.lr or check "
+                "the data (a resumed run keeps its configuration: start a new folder to change it)."
             )
         self.optimizer.zero_grad(set_to_none=True)
         static_scale = config.optim.loss_scale
@@ -349,7 +439,7 @@ class Trainer:
                 candidates["ema"] = self.ema.module
             for variant, net in candidates.items():
                 pred = predict(net, val, config, self.device)
-                score = mean_average_precision(pred["observed"], pred["scores"])
+                score = float(mean_average_precision(pred["observed"], pred["scores"]))
                 row["val_map" if variant == "model" else "val_map_ema"] = score
                 if score > self.best["val_map"]:
                     self.best = {"val_map": score, "epoch": self.epoch, "variant": variant}
@@ -383,6 +473,9 @@ class Trainer:
                 self.step += 1
                 taken += 1
                 bar.set_postfix(loss=f"{self.sums.loss / self.sums.steps:.3g}")
+                if self._stop_requested():
+                    bar.close()
+                    self._stop(checkpoint=True)
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < steps:
                     self.save_checkpoint()
             bar.close()
@@ -391,14 +484,60 @@ class Trainer:
             self.save_checkpoint()
             if dist_utils.is_distributed():
                 torch.distributed.barrier()
+            if self._stop_requested():
+                self._stop(checkpoint=False)
         return True
+
+    # ---- stopping on a signal
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal arrived, agreed by every rank (so all ranks stop after the same step)."""
+        requested = self.stop_signal is not None
+        if not dist_utils.is_distributed():
+            return requested
+        flag = torch.tensor([self.stop_signal or 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.stop_signal = int(flag.item()) or None
+        return self.stop_signal is not None
+
+    def _stop(self, checkpoint: bool) -> None:
+        if checkpoint:
+            self.save_checkpoint()
+            if dist_utils.is_distributed():
+                torch.distributed.barrier()
+        name = signal.Signals(self.stop_signal).name
+        raise RunInterrupted(
+            self.stop_signal,
+            f"stopped by {name} at epoch {self.epoch} step {self.step}; checkpoint written to "
+            f"{self.ckpt_dir / checkpoints.LAST}; continue with --resume (resume=True)",
+        )
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        """Signal handler: the first signal stops after the current step (while training), a second one at once."""
+        name = signal.Signals(signum).name
+        if self.stop_signal is not None or self.stage != "training":
+            self.stop_signal = signum
+            where = {"setup": "before training", "training": "during training", "testing": "while testing"}
+            raise RunInterrupted(
+                signum,
+                f"stopped by {name} {where[self.stage]} (epoch {self.epoch} step {self.step}); every file saved so "
+                f"far is intact ({self._last_checkpoint_text()[0].lower()}{self._last_checkpoint_text()[1:]}); "
+                "continue with --resume (resume=True)",
+            )
+        self.stop_signal = signum
+        if self.main:
+            print(
+                f"clml: {name}: finishing this step and writing a checkpoint; send it again to stop at once",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def finish(self) -> dict[str, Any]:
         """Score the selected weights on the test split once and write ``results.json`` (main process)."""
         if not self.main:
             return {}
         best_model = copy.deepcopy(self.model)
-        best_model.load_state_dict(torch.load(self.ckpt_dir / "best.pt", map_location=self.device))
+        best_model.load_state_dict(torch.load(self.ckpt_dir / "best.pt", map_location=self.device, weights_only=True))
         test = self.splits.test
         pred = predict(best_model, test, self.config, self.device, embeddings=self.config.save_embeddings)
         per_class = average_precision_per_class(test.labels, pred["scores"])
@@ -415,75 +554,182 @@ class Trainer:
             "epochs": len(self.rows),
         }
         if self.config.save_embeddings:
+            buffer = io.BytesIO()
             np.savez_compressed(
-                self.out / "test_embeddings.npz",
+                buffer,
                 embeddings=pred["embeddings"],
                 scores=pred["scores"],
                 labels=test.labels,
                 classes=np.array(test.classes),
             )
+            atomic_write_bytes(self.out / "test_embeddings.npz", buffer.getvalue())
         atomic_write_json(self.out / "results.json", results)
         return results
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changed
+def _holds_run(out: Path) -> bool:
+    return any((out / name).exists() for name in ("config.yaml", "run_info.json", "results.json", "checkpoints"))
+
+
+def _run_config(out: Path, config: TrainConfig | None, resume: bool) -> TrainConfig:
+    """The configuration to train ``out`` with; refuses what would mix two runs in one folder (writes nothing)."""
+    if not _holds_run(out):
+        if config is None:
+            raise ValueError(f"{out} holds no run to resume (no config.yaml); give a configuration (--preset ...)")
+        return config
+    if not resume:
+        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) or choose another folder")
+    saved = read_run_config(out)
+    if saved is None:
+        raise ValueError(f"{out} holds run files but no config.yaml, so it cannot be resumed; choose another folder")
+    if config is not None and to_dict(config) != to_dict(saved):
+        diff = "; ".join(config_diff(to_dict(saved), to_dict(config)))
+        raise ValueError(
+            f"{out / 'config.yaml'} holds another configuration than the one given ({diff}); a resumed run keeps "
+            "its folder's configuration: resume without overrides, or train into another folder"
+        )
+    return saved
+
+
+def _write_run_info(trainer: Trainer, resumed_from: Path | None) -> None:
+    """``run_info.json`` for a new run; a resumption appends a record to it (time, command line, host, where)."""
+    path = trainer.out / "run_info.json"
+    if path.exists():
+        info = json.loads(path.read_text())
+        now = run_info()
+        info.setdefault("resumes", []).append(
+            {
+                "utc": now["started_utc"],
+                "argv": now["argv"],
+                "host": now["host"],
+                "git_sha": now["git_sha"],
+                "checkpoint": str(resumed_from) if resumed_from else None,
+                "epoch": trainer.epoch,
+                "step": trainer.step,
+            }
+        )
+        atomic_write_json(path, info)
+        return
+    splits, data = trainer.splits, trainer.config.data
+    atomic_write_json(
+        path,
+        run_info(
+            {
+                "dataset": data.dataset,
+                "data_root": data.root,
+                "classes": splits.train.classes,
+                "train_labels_checksum": labels_checksum(splits.train.labels),
+                "test_labels_checksum": labels_checksum(splits.test.labels),
+                "observed_train_checksum": labels_checksum(splits.train.observed),
+                "observed_val_checksum": labels_checksum(splits.val.observed),
+                "n_train": len(splits.train),
+                "n_val": len(splits.val),
+                "n_test": len(splits.test),
+                "world_size": dist_utils.world_size(),
+                "device": str(trainer.device),
+            }
+        ),
+    )
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT go to ``trainer.on_signal`` while the block runs (in the main thread only).
+
+    Before the trainer exists (the data is loading) a signal stops at once: nothing was written yet.
+    """
+
+    def __init__(self) -> None:
+        self.trainer: Trainer | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.trainer is not None:
+            self.trainer.on_signal(signum, frame)
+            return
+        name = signal.Signals(signum).name
+        raise RunInterrupted(signum, f"stopped by {name} while the data was loading; nothing was trained or written")
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def train(
-    config: TrainConfig, out_dir: str | Path, *, resume: bool = False, max_steps: int | None = None
+    config: TrainConfig | None,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train one run into ``out_dir`` and return its results (the content of ``results.json``).
 
+    Every check that can refuse the call (another run in the folder, another configuration, a folder in use, a
+    configuration that fails to load its data, an unreadable checkpoint) comes before the first file is written, so a
+    refused call changes no file.
+
     Args:
-        config: a resolved configuration (see :func:`clml_core.config.resolve_config`).
+        config: a resolved configuration (see :func:`clml_core.config.resolve_config`); None to resume with the
+            folder's own ``config.yaml``.
         out_dir: the run folder.
-        resume: continue from ``out_dir/checkpoints/last.pt`` (an error if the configuration differs).
+        resume: continue the run in ``out_dir`` if it holds one (with its own configuration: ``config`` must be
+            None or equal to it), from its newest readable checkpoint; start it if the folder holds no run.
         max_steps: stop after this many optimiser steps in this call, leaving the checkpoints as a crash would
             (for tests of resumption); the return value is then ``{}``.
 
     Raises:
         FileExistsError: ``out_dir`` already holds a run and ``resume`` is False.
+        ValueError: ``config`` differs from the folder's; a bad configuration or dataset.
+        clml_core.runlock.FolderInUseError: another live process trains into ``out_dir``.
+        clml_core.checkpoints.CheckpointError: the folder's checkpoints exist but none can be read.
         NonFiniteLossError: the loss became NaN or Inf.
+        RunInterrupted: SIGTERM or SIGINT stopped the run (resume it to continue).
+        clml_core.runio.DiskFullError: the disk filled up; every file already saved is intact.
     """
     out = Path(out_dir)
-    last = out / "checkpoints" / "last.pt"
-    if not resume and (last.exists() or (out / "results.json").exists()):
-        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) or choose another folder")
-    trainer = Trainer(config, out)
-    if trainer.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
-        info_path = out / "run_info.json"
-        if not (resume and info_path.exists()):
-            atomic_write_json(
-                info_path,
-                run_info(
-                    {
-                        "dataset": config.data.dataset,
-                        "data_root": config.data.root,
-                        "classes": trainer.splits.train.classes,
-                        "train_labels_checksum": labels_checksum(trainer.splits.train.labels),
-                        "test_labels_checksum": labels_checksum(trainer.splits.test.labels),
-                        "observed_train_checksum": labels_checksum(trainer.splits.train.observed),
-                        "observed_val_checksum": labels_checksum(trainer.splits.val.observed),
-                        "n_train": len(trainer.splits.train),
-                        "n_val": len(trainer.splits.val),
-                        "n_test": len(trainer.splits.test),
-                        "world_size": dist_utils.world_size(),
-                        "device": str(trainer.device),
-                    }
-                ),
-            )
-    if resume and last.exists():
-        trainer.load_checkpoint(last)
-    if not trainer.fit(max_steps):
-        return {}
-    return trainer.finish()
+    main = dist_utils.is_main_process()
+    if not main:  # rank 0 checks and owns the folder; the others train with the same configuration
+        config = _run_config(out, config, resume) if config is None else config
+        return _train_locked(config, out, max_steps)
+    created = not out.exists()
+    _run_config(out, config, resume)  # refuse early, before the folder or its lock is touched
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(out)
+    except BaseException:
+        if created:
+            out.rmdir()
+        raise
+    try:
+        if lock.stale_owner:
+            print(f"clml: {lock.describe_stale()}", file=sys.stderr, flush=True)
+        config = _run_config(out, config, resume)  # again, now that no other process can change the folder
+        return _train_locked(config, out, max_steps)
+    finally:
+        lock.release()
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused or failed start leaves no empty folder behind
+
+
+def _train_locked(config: TrainConfig, out: Path, max_steps: int | None) -> dict[str, Any]:
+    if (out / "results.json").exists():  # finished (maybe killed just after): nothing left to do
+        return json.loads((out / "results.json").read_text())
+    with _StopSignals() as signals:
+        trainer = Trainer(config, out)
+        signals.trainer = trainer
+        latest = checkpoints.load_latest(trainer.ckpt_dir, map_location=trainer.device)
+        if latest is not None:
+            trainer.load_state_dict(*latest)
+        if trainer.main:
+            if not (out / "config.yaml").exists():
+                atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+            _write_run_info(trainer, latest[1] if latest else None)
+        trainer.stage = "training"
+        finished = trainer.fit(max_steps)
+        trainer.stage = "testing"
+        return trainer.finish() if finished else {}

@@ -1,8 +1,8 @@
 """The study's experiment grids, a resumable parallel runner, and the collection of their results.
 
 A run is named by its group, variant and seed and lives in ``root/group/variant/seed{seed}``. A run whose
-``results.json`` exists is skipped; one with a checkpoint is resumed, so an interrupted study continues where it
-stopped. Runs go through :func:`clml_core.engine.train` in worker processes, one thread each.
+``results.json`` exists is skipped; an interrupted one is resumed (with its own configuration), so a study continues
+where it stopped. Runs go through :func:`clml_core.engine.train` in worker processes, one thread each.
 """
 
 from __future__ import annotations
@@ -188,8 +188,7 @@ def _run_one(args: tuple[RunSpec, str, bool]) -> str:
     done = folder / "results.json"
     if not done.exists():
         config = apply_updates(spec.config(), {"progress": False, "threads": 1})
-        resume = (folder / "checkpoints" / "last.pt").exists()
-        train(config, folder, resume=resume)
+        train(config, folder, resume=True)  # starts the run, or continues it with the same configuration
     atomic_write_json(
         folder / "spec.json", {"group": spec.group, "variant": spec.variant, "seed": spec.seed, **spec.labels}
     )

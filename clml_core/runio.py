@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
 import platform
+import secrets
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib import metadata
@@ -24,20 +25,83 @@ from clml_core.paths import PROJ_ROOT
 _PACKAGES = ("torch", "torchvision", "numpy", "pandas", "scikit-learn", "matplotlib", "umap-learn", "papermill")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class DiskFullError(OSError):
+    """The disk (or quota) filled up while a run file was written; the file was left as it was before."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, keep_previous: str | Path | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    The file gets the user's normal permissions (0666 less the umask). A reader sees the old content or the new,
+    never a part. A failed write (a full disk, a kill) leaves ``path`` as it was and no temporary file behind.
+
+    Args:
+        path: the file to write.
+        data: its new content.
+        keep_previous: where the file's current content is kept once the new content is complete (a hard link,
+            so ``path`` exists at every moment; a rename where the filesystem has no hard links).
+
+    Raises:
+        DiskFullError: no space or quota left; the message names the file and says nothing was lost.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_new_file(tmp, data)
+        if keep_previous is not None and path.exists():
+            _keep(path, Path(keep_previous))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.errno in _DISK_FULL:
+            before = "its previous content is intact" if path.exists() else "it was not created"
+            raise DiskFullError(
+                error.errno,
+                f"no space left on the device while writing {path} ({len(data) / 1e6:.1f} MB); {before} and "
+                "nothing already saved was lost; free some space and run again (--resume continues a run)",
+            ) from error
         raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (0666 less the umask, not 0600 as mkstemp would) with ``data``, flushed to the disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _keep(path: Path, previous: Path) -> None:
+    link = previous.parent / f".{previous.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous)  # no hard links here: for a moment only ``previous`` exists
+        return
+    os.replace(link, previous)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -68,10 +132,10 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, text + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+def atomic_torch_save(obj: Any, path: str | Path, *, keep_previous: str | Path | None = None) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), keep_previous=keep_previous)
 
 
 def git_state(root: Path = PROJ_ROOT) -> dict[str, Any]:

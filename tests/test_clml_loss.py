@@ -319,6 +319,13 @@ def test_negative_hyperparameters_are_rejected(field):
         CLMLLoss(**{field: -1.0})
 
 
+@pytest.mark.parametrize("field", ["lam", "delta", "local_weight", "global_weight"])
+@pytest.mark.parametrize("value,error", [("abc", TypeError), (True, TypeError), (float("nan"), ValueError)])
+def test_hyperparameters_that_are_no_finite_number_are_rejected_by_name(field, value, error):
+    with pytest.raises(error, match=f"CLMLLoss: {field} must be a"):
+        CLMLLoss(**{field: value})
+
+
 def test_unchecked_non_finite_embeddings_give_nan_not_a_solver_error():
     z = torch.randn(6, 4)
     z[2, 1] = float("nan")

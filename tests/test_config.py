@@ -44,6 +44,13 @@ def test_booleans_are_strict(text):
         ("data.protocol=half", "data.protocol"),
         ("data.dataset=coco", "data.root"),
         ("noequals", "section.field=value"),
+        ("data.synthetic_size=huge", "'data.synthetic_size': 'huge' is not one of tiny, default"),
+        ("optim.lr=nan", "'optim.lr': expected a finite number, got nan"),
+        ("clml.delta=inf", "'clml.delta': expected a finite number"),
+        ("optim.ema_decay=1", "'optim.ema_decay': must be in"),
+        ("model.arch=vgg", "'model.arch': 'vgg' is not one of"),
+        ("loss.kwargs={gamma: 2}", "'loss.kwargs': make_base_loss"),
+        ("data.workers=-1", "'data.workers': must be >= 0"),
     ],
 )
 def test_bad_overrides_name_the_field(override, message):
@@ -65,7 +72,7 @@ def test_yaml_file_between_preset_and_overrides(tmp_path):
 
 
 def test_round_trip():
-    config = resolve_config("default", overrides=["loss.kwargs={gamma: 3.0}"])
+    config = resolve_config("default", overrides=["loss.base=focal", "loss.kwargs={gamma: 3.0}"])
     assert from_dict(to_dict(config)) == config
     assert config.loss.kwargs == {"gamma": 3.0}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from clml_core import distributed as dist_utils
-from clml_core.config import TrainConfig
+from clml_core.config import SYNTHETIC_SIZES, TrainConfig
 from clml_core.data.cache import build_packed_cache
 from clml_core.data.coco import load_coco
 from clml_core.data.dataset import MultiLabelDataset
@@ -23,12 +23,6 @@ from clml_core.data.synthetic import SyntheticConfig, load_synthetic
 from clml_core.data.transforms import eval_transform, train_transform
 from clml_core.data.voc import load_voc
 from clml_core.paths import DATA_DIR
-
-#: Sizes of the embedded benchmark selected by ``data.synthetic_size``.
-SYNTHETIC_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"n_train": 384, "n_val": 128, "n_test": 256},
-    "default": {},
-}
 
 
 @dataclass

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -295,11 +296,16 @@ class CLMLLoss(nn.Module):
         check_values: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("lam", lam), ("delta", delta), ("local_weight", local_weight)):
-            if not value >= 0:
-                raise ValueError(f"CLMLLoss: {name} must be >= 0, got {value}")
-        if not global_weight >= 0:
-            raise ValueError(f"CLMLLoss: global_weight must be >= 0, got {global_weight}")
+        for name, value in (
+            ("lam", lam),
+            ("delta", delta),
+            ("local_weight", local_weight),
+            ("global_weight", global_weight),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"CLMLLoss: {name} must be a real number, got {value!r} ({type(value).__name__})")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"CLMLLoss: {name} must be a finite number >= 0, got {value}")
         self.lam = lam
         self.delta = delta
         self.local_weight = local_weight
