@@ -80,7 +80,7 @@ class CLMLConfig:
 class OptimConfig:
     epochs: int = 10  # length of the schedule
     stop_epoch: int = 0  # stop after this many epochs of the schedule (0 = epochs); the authors: 26 of 80
-    batch_size: int = 64
+    batch_size: int = 64  # the GLOBAL batch B (of the CLML term and the summed base loss); each DDP rank takes B / W
     lr: float = 1e-3
     weight_decay: float = 1e-4
     schedule: str = "onecycle"  # onecycle | constant
@@ -98,6 +98,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0 = torch's default)
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
+    log_every: int = 50  # read the logged loss terms from the device every N steps (a host synchronisation)
     save_embeddings: bool = True  # test-set embeddings of the selected model, for the embeddings notebook
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,7 +126,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"epochs": 8, "batch_size": 32, "lr": 2e-3},
     },
     # The authors' recipe: ResNet101 at 448 px, Adam 1e-4, OneCycle, weight decay 1e-4 off bias and norm layers,
-    # EMA 0.9997, RandAugment + Cutout, batch 64, 80 epochs, fp16 AMP. Needs a GPU and a dataset root.
+    # EMA 0.9997, RandAugment + Cutout, a global batch of 64 (split over DDP ranks), 80 epochs, fp16 AMP. Needs a GPU
+    # and a dataset root.
     "paper": {
         "name": "paper",
         "data": {"dataset": "coco", "image_size": 448, "augment": "authors", "packed_cache": True, "workers": 8},
@@ -331,6 +333,7 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
         "seed": (config.seed, 0),
         "threads": (config.threads, 0),
         "checkpoint_every": (config.checkpoint_every, 0),
+        "log_every": (config.log_every, 1),
         "data.synthetic_seed": (data.synthetic_seed, 0),
         "data.image_size": (data.image_size, 8),
         "data.protocol_seed": (data.protocol_seed, 0),

@@ -19,9 +19,9 @@ single-process run on the concatenated batch. The rule for the whole per-rank lo
 The logged loss value of the single-process run is the all-reduced mean of the per-rank losses.
 
 Batch sizes may differ between ranks (the gather pads to the largest and trims); this costs one extra all-gather of
-the sizes per call. The backward all-reduces the full (N, ...) gradient rather than reduce-scattering it, which
-works on every backend (gloo has no reduce-scatter) at W times the traffic of the embeddings, small next to DDP's
-gradient all-reduce.
+the sizes per call, skipped with ``equal_sizes=True`` (the training engine's batches are equal by construction).
+The backward all-reduces the full (N, ...) gradient rather than reduce-scattering it, which works on every backend
+(gloo has no reduce-scatter) at W times the traffic of the embeddings, small next to DDP's gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -147,6 +147,10 @@ def _gather_sizes(x: Tensor) -> list[int]:
     return [int(s) for s in sizes]
 
 
+def _sizes(x: Tensor, equal: bool) -> list[int]:
+    return [x.shape[0]] * dist.get_world_size() if equal else _gather_sizes(x)
+
+
 def _all_gather(x: Tensor, sizes: list[int]) -> Tensor:
     x = x.contiguous()
     longest = max(sizes)
@@ -159,8 +163,8 @@ def _all_gather(x: Tensor, sizes: list[int]) -> Tensor:
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        sizes = _gather_sizes(x)
+    def forward(ctx, x: Tensor, equal_sizes: bool) -> Tensor:
+        sizes = _sizes(x, equal_sizes)
         ctx.start = sum(sizes[: dist.get_rank()])
         ctx.size = x.shape[0]
         return _all_gather(x, sizes)
@@ -170,7 +174,7 @@ class _GatherWithGrad(torch.autograd.Function):
         # Every rank holds a copy of the loss; the gradient of its slice is the sum over all copies.
         grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.start : ctx.start + ctx.size]
+        return grad[ctx.start : ctx.start + ctx.size], None
 
 
 def _check(x: Tensor) -> None:
@@ -180,7 +184,7 @@ def _check(x: Tensor) -> None:
         raise ValueError("cannot gather a 0-dim tensor along dim 0; expected shape (B, ...)")
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
+def gather_with_grad(x: Tensor, *, equal_sizes: bool = False) -> Tensor:
     """All-gather along dim 0, in rank order, with gradients flowing back to each rank's slice.
 
     Identity without a process group or with one process. See the module docstring for the gradient convention:
@@ -189,6 +193,8 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
     Args:
         x: (B_r, ...) this rank's tensor; B_r may differ between ranks, the trailing shape and dtype may not.
+        equal_sizes: the caller guarantees every rank has the same B_r, so the all-gather of the sizes (a
+            collective and a host read) is skipped.
 
     Returns:
         (sum_r B_r, ...) the concatenation over ranks 0..W-1.
@@ -196,14 +202,15 @@ def gather_with_grad(x: Tensor) -> Tensor:
     _check(x)
     if world_size() == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x, equal_sizes)
 
 
-def gather_no_grad(x: Tensor) -> Tensor:
+def gather_no_grad(x: Tensor, *, equal_sizes: bool = False) -> Tensor:
     """All-gather along dim 0, in rank order, detached (for labels and logging).
 
     Args:
         x: (B_r, ...) this rank's tensor of any dtype (bool is sent as uint8).
+        equal_sizes: every rank has the same B_r (see :func:`gather_with_grad`).
 
     Returns:
         (sum_r B_r, ...) the concatenation over ranks, without gradient.
@@ -213,5 +220,5 @@ def gather_no_grad(x: Tensor) -> Tensor:
         return x.detach()
     with torch.no_grad():
         if x.dtype == torch.bool:
-            return _all_gather(x.to(torch.uint8), _gather_sizes(x)).bool()
-        return _all_gather(x.detach(), _gather_sizes(x))
+            return _all_gather(x.to(torch.uint8), _sizes(x, equal_sizes)).bool()
+        return _all_gather(x.detach(), _sizes(x, equal_sizes))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import json
 import math
 import random
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 from clml_core import checkpoints
 from clml_core import distributed as dist_utils
 from clml_core.config import TrainConfig, config_diff, read_run_config, to_dict
-from clml_core.correction import CorrectionQuality, correct_labels, correction_quality
+from clml_core.correction import CorrectionQuality, correct_labels
 from clml_core.data import MultiLabelDataset, labels_checksum
 from clml_core.data.splits import build_splits
 from clml_core.devices import autocast, select_device, to_input
@@ -89,19 +90,26 @@ class RunInterrupted(Exception):
 
 
 class _SeededItems(torch.utils.data.Dataset):
-    """Item i of epoch e is drawn under its own seed, so augmentation does not depend on workers or resumption."""
+    """Item i of epoch e is drawn under its own seed, so augmentation does not depend on workers or resumption.
 
-    def __init__(self, dataset: MultiLabelDataset, seed: int, epoch: int) -> None:
+    Keys are ``(epoch, index)`` pairs (from :class:`_EpochBatches`), so one loader with persistent workers serves
+    every epoch.
+    """
+
+    def __init__(self, dataset: MultiLabelDataset, seed: int, augment: bool) -> None:
         self.dataset = dataset
         self.seed = seed
-        self.epoch = epoch
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, int]:
+        epoch, index = key
+        if not self.augment:
+            return self.dataset[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
             return self.dataset[index]
 
 
@@ -111,28 +119,53 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(num_items, generator=generator)
 
 
-def _train_batches(
-    dataset: MultiLabelDataset, config: TrainConfig, epoch: int, start_step: int
-) -> tuple[Iterator[tuple[Tensor, Tensor, Tensor]], int]:
-    """Batches of this rank for one epoch from ``start_step`` on, and the number of steps in the whole epoch."""
-    batch, world, rank = config.optim.batch_size, dist_utils.world_size(), dist_utils.rank()
-    steps = len(dataset) // (batch * world)
-    if steps == 0:
-        raise ValueError(f"training set of {len(dataset)} images is smaller than one global batch ({batch * world})")
-    order = epoch_order(len(dataset), config.seed, epoch)
-    batches = [
-        order[(step * world + rank) * batch : (step * world + rank + 1) * batch].tolist()
-        for step in range(start_step, steps)
-    ]
-    items = _SeededItems(dataset, config.seed, epoch) if config.data.augment != "none" else dataset
-    loader = torch.utils.data.DataLoader(
-        items,
-        batch_sampler=batches,
-        num_workers=config.data.workers,
-        pin_memory=torch.cuda.is_available(),
+def rank_batch_size(config: TrainConfig) -> int:
+    """Images per rank and step: ``optim.batch_size`` is the global batch, split evenly over the DDP ranks."""
+    batch, world = config.optim.batch_size, dist_utils.world_size()
+    if batch % world:
+        raise ValueError(
+            f"config field 'optim.batch_size': {batch} is the global batch and must split evenly over "
+            f"{world} processes (each rank takes batch_size / world_size)"
+        )
+    return batch // world
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """This rank's batches of one epoch, from ``start_step`` on; set ``epoch`` and ``start_step`` before iterating.
+
+    Every step takes ``batch_size`` images of the epoch's permutation (the remainder is dropped, so every batch has
+    the same shape and the same size on every rank), rank r the r-th slice of them.
+    """
+
+    def __init__(self, num_items: int, config: TrainConfig) -> None:
+        self.num_items, self.seed = num_items, config.seed
+        self.batch, self.per_rank, self.rank = config.optim.batch_size, rank_batch_size(config), dist_utils.rank()
+        self.steps = num_items // self.batch
+        if self.steps == 0:
+            raise ValueError(f"training set of {num_items} images is smaller than one global batch ({self.batch})")
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = epoch_order(self.num_items, self.seed, self.epoch)
+        for step in range(self.start_step, self.steps):
+            first = step * self.batch + self.rank * self.per_rank
+            yield [(self.epoch, i) for i in order[first : first + self.per_rank].tolist()]
+
+
+def _train_loader(dataset: MultiLabelDataset, config: TrainConfig, device: torch.device) -> torch.utils.data.DataLoader:
+    """One loader for the whole run: persistent workers, pinned memory on a GPU, uint8 batches."""
+    workers = config.data.workers
+    return torch.utils.data.DataLoader(
+        _SeededItems(dataset, config.seed, config.data.augment != "none"),
+        batch_sampler=_EpochBatches(len(dataset), config),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
         worker_init_fn=ignore_stop_signals,
     )
-    return iter(loader), steps
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
@@ -189,6 +222,70 @@ class _EpochSums:
         values = dict(state)
         values["correction"] = CorrectionQuality(**values["correction"])
         return cls(**values)
+
+
+class _Pending:
+    """Logged values of the steps since the last read, kept on the device so a step never waits for the host.
+
+    ``terms`` (5,) float64 sums of loss, base, CLML, local, global; ``correction`` (3,) float64 sums of missing,
+    recovered and truly recovered labels; ``bad`` counts non-finite losses and ``first_bad`` (6,) holds the step
+    and the five terms of the first one.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.steps = 0
+        self.terms = torch.zeros(5, dtype=torch.float64, device=device)
+        self.correction = torch.zeros(3, dtype=torch.float64, device=device)
+        self.bad = torch.zeros(1, dtype=torch.float64, device=device)
+        self.first_bad = torch.zeros(6, dtype=torch.float64, device=device)
+
+    def add(self, step: int, terms: Tensor, correction: Tensor | None) -> None:
+        """Accumulate one step's (5,) terms and optional (3,) correction counts, without a host read."""
+        terms = terms.detach().double()
+        finite = torch.isfinite(terms[0])
+        first = (~finite) & (self.bad == 0)
+        self.first_bad = torch.where(first, torch.cat([terms.new_full((1,), step), terms]), self.first_bad)
+        self.bad += (~finite).double()
+        self.terms += terms
+        if correction is not None:
+            self.correction += correction.double()
+        self.steps += 1
+
+
+class _DeviceEMA(AveragedModel):
+    """torch's EMA of parameters and buffers (``AveragedModel`` with ``get_ema_multi_avg_fn``, same state dict and
+    same values) without the two host reads of ``n_averaged`` that ``update_parameters`` makes every step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.decay = decay
+        self._updates: int | None = 0  # host copy of n_averaged; None after loading a state dict
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [t.detach() for t in itertools.chain(self.module.parameters(), self.module.buffers())]
+        current = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())]
+        if self._updates is None:
+            self._updates = int(self.n_averaged)  # one read, after a resume
+        if self._updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
+            for a, c in zip(averaged, current):
+                if a.is_floating_point():
+                    groups.setdefault(a.dtype, ([], []))
+                    groups[a.dtype][0].append(a)
+                    groups[a.dtype][1].append(c)
+                else:  # integer buffers (BatchNorm's num_batches_tracked), as get_ema_multi_avg_fn does
+                    a.copy_(a * self.decay + c * (1 - self.decay))
+            for a_list, c_list in groups.values():
+                torch._foreach_lerp_(a_list, c_list, 1 - self.decay)
+        self.n_averaged += 1
+        self._updates += 1
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._updates = None
+        return super().load_state_dict(*args, **kwargs)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -258,7 +355,10 @@ class Trainer:
             self.net = torch.compile(self.net)
         optim = config.optim
         self.optimizer = torch.optim.Adam(param_groups(self.model, optim.weight_decay), lr=optim.lr)
-        self.steps_per_epoch = len(self.splits.train) // (optim.batch_size * dist_utils.world_size())
+        self.loader = _train_loader(self.splits.train, config, self.device)
+        self.steps_per_epoch = self.loader.batch_sampler.steps
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every training batch has the same shape (remainder dropped)
         if optim.schedule == "onecycle":
             self.scheduler: Any = torch.optim.lr_scheduler.OneCycleLR(
                 self.optimizer,
@@ -268,11 +368,7 @@ class Trainer:
             )
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        self.ema = (
-            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay), use_buffers=True)
-            if optim.ema_decay > 0
-            else None
-        )
+        self.ema = _DeviceEMA(self.model, optim.ema_decay) if optim.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=optim.amp == "fp16")
         # Labels were validated when the datasets were built, and a non-finite loss stops the run with its own
         # message, so the losses skip their per-call value checks (a device synchronisation each on a GPU).
@@ -290,6 +386,7 @@ class Trainer:
         # Where the run continues from.
         self.epoch, self.step = 0, 0
         self.sums = _EpochSums()
+        self.pending = _Pending(self.device)
         self.rows: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"val_map": -math.inf, "epoch": -1, "variant": None}
         # SIGTERM / SIGINT: the first sets stop_signal; while training, the run stops after the current step.
@@ -368,24 +465,15 @@ class Trainer:
             loss = base
             local = global_ = clml_value = torch.zeros((), device=device)
             if self.clml_loss is not None:
-                embeddings = dist_utils.gather_with_grad(out.embeddings)
-                groups = dist_utils.gather_no_grad(corrected)
+                # Every rank has the same batch size (the epoch drops its remainder): no all-gather of the sizes.
+                embeddings = dist_utils.gather_with_grad(out.embeddings, equal_sizes=True)
+                groups = dist_utils.gather_no_grad(corrected, equal_sizes=True)
                 if isinstance(self.clml_loss, CLMLLoss):
                     terms = self.clml_loss.terms(embeddings, groups)
                     clml_value, local, global_ = terms.loss, terms.local, terms.global_
                 else:
                     clml_value = self.clml_loss(embeddings.float(), groups)
                 loss = base + clml_value
-        # One device-to-host read per step for the finiteness check and the logged terms.
-        loss_value, base_value, clml_item, local_value, global_value = (
-            torch.stack([loss, base, clml_value, local, global_]).detach().double().tolist()
-        )
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {self.epoch} step {self.step} (base {base_value:.4g}, "
-                f"CLML {clml_item:.4g}); the run stopped. {self._last_checkpoint_text()}; lower optim.lr or check "
-                "the data (a resumed run keeps its configuration: start a new folder to change it)."
-            )
         self.optimizer.zero_grad(set_to_none=True)
         static_scale = config.optim.loss_scale
         if static_scale:
@@ -399,21 +487,59 @@ class Trainer:
         if config.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # fp16 only: the scaler reads its inf check (unavoidable)
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        sums = self.sums
-        sums.steps += 1
-        sums.loss += loss_value
-        sums.base += base_value / (dist_utils.world_size() if config.loss.reduction == "sum" else 1)
-        sums.clml += clml_item
-        sums.local += local_value
-        sums.global_ += global_value
+        # Logged values and correction counts stay on the device until _read_pending (every log_every steps).
+        counts = None
         if correcting:
-            full = torch.as_tensor(self.splits.train.labels[index.numpy()])
-            sums.correction = sums.correction + correction_quality(observed.cpu(), corrected.cpu(), full)
+            full = torch.as_tensor(self.splits.train.labels[index.numpy()]).to(device, non_blocking=True).bool()
+            seen, missing = observed.bool(), full & ~observed.bool()
+            recovered = corrected.bool() & ~seen
+            counts = torch.stack([missing.sum(), recovered.sum(), (missing & recovered).sum()])
+        self.pending.add(self.step, torch.stack([loss, base, clml_value, local, global_]), counts)
+
+    def _read_pending(self) -> None:
+        """Move the pending logged values to the host (one synchronisation), all-reduced over ranks.
+
+        Under DDP every rank calls this at the same steps. The logged values are the rank means (the single-process
+        values, see :mod:`clml_core.distributed`); correction counts are summed over ranks. A non-finite loss on any
+        rank stops every rank here with the same error, before a checkpoint is written.
+
+        Raises:
+            NonFiniteLossError: a loss since the last read was NaN or Inf.
+        """
+        pending = self.pending
+        if pending.steps == 0:
+            return
+        values = torch.cat([pending.terms, pending.correction, pending.bad, pending.bad, pending.first_bad])
+        world = dist_utils.world_size()
+        if world > 1:
+            torch.distributed.all_reduce(values[:9])  # a view, reduced in place; the rest stays this rank's
+        host = values.tolist()
+        terms, correction, any_bad, own_bad, first = host[:5], host[5:8], host[8], host[9], host[10:]
+        if any_bad:
+            where = (
+                f"{first[1]} at epoch {self.epoch} step {int(first[0])} (base {first[2]:.4g}, CLML {first[3]:.4g})"
+                if own_bad
+                else f"not finite on another rank in epoch {self.epoch}"
+            )
+            raise NonFiniteLossError(
+                f"loss is {where}; the run stopped on every rank. {self._last_checkpoint_text()}; lower optim.lr or "
+                "check the data (a resumed run keeps its configuration: start a new folder to change it)."
+            )
+        sums = self.sums
+        sums.steps += pending.steps
+        sums.loss += terms[0] / world
+        sums.base += terms[1] / world
+        sums.clml += terms[2] / world
+        sums.local += terms[3] / world
+        sums.global_ += terms[4] / world
+        if any(correction):
+            sums.correction = sums.correction + CorrectionQuality(*(int(c) for c in correction))
+        self.pending = _Pending(self.device)
 
     # ---- epochs
 
@@ -457,9 +583,11 @@ class Trainer:
         self.model.train()
         while self.epoch < last_epoch:
             started = time.perf_counter()
-            batches, steps = _train_batches(self.splits.train, config, self.epoch, self.step)
+            sampler = self.loader.batch_sampler
+            sampler.epoch, sampler.start_step = self.epoch, self.step
+            steps = sampler.steps
             bar = tqdm(
-                batches,
+                self.loader,
                 total=steps,
                 initial=self.step,
                 desc=f"{config.name} epoch {self.epoch + 1}/{last_epoch}",
@@ -468,16 +596,22 @@ class Trainer:
             )
             for images, observed, index in bar:
                 if max_steps is not None and taken >= max_steps:
+                    self._read_pending()
                     return False
                 self._train_step(images, observed, index)
                 self.step += 1
                 taken += 1
-                bar.set_postfix(loss=f"{self.sums.loss / self.sums.steps:.3g}")
-                if self._stop_requested():
+                if self.step % config.log_every == 0:
+                    self._read_pending()
+                    bar.set_postfix(loss=f"{self.sums.loss / self.sums.steps:.3g}")
+                # Under DDP the agreement on a stop signal is a collective with a host read: at the log_every steps.
+                if (self.step % config.log_every == 0 or not dist_utils.is_distributed()) and self._stop_requested():
                     bar.close()
                     self._stop(checkpoint=True)
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < steps:
+                    self._read_pending()
                     self.save_checkpoint()
+            self._read_pending()
             bar.close()
             self._evaluate_epoch(time.perf_counter() - started)
             self.epoch, self.step, self.sums = self.epoch + 1, 0, _EpochSums()
@@ -502,6 +636,7 @@ class Trainer:
 
     def _stop(self, checkpoint: bool) -> None:
         if checkpoint:
+            self._read_pending()
             self.save_checkpoint()
             if dist_utils.is_distributed():
                 torch.distributed.barrier()

@@ -23,7 +23,8 @@ from clml_core.models import MultiLabelNet
 WORLD = 2
 N, D_IN, EMBED, CLASSES = 8, 5, 4, 3
 # Rows per rank in each case; the unequal case checks the padding path of the gather.
-SPLITS = {"sum_equal": (4, 4), "mean_equal": (4, 4), "sum_unequal": (3, 5)}
+# "known": the caller promises equal sizes, so the gather skips its all-gather of the sizes.
+SPLITS = {"sum_equal": (4, 4), "mean_equal": (4, 4), "sum_unequal": (3, 5), "sum_equal_known": (4, 4)}
 TIMEOUT_S = 120
 
 
@@ -63,8 +64,9 @@ def _worker(rank: int, out_dir: str) -> None:
             lo = sum(split[:rank])
             x_local, y_local = x[lo : lo + split[rank]], y[lo : lo + split[rank]]
             out = ddp(x_local)
-            embeddings = distributed.gather_with_grad(out.embeddings)  # (N, EMBED)
-            labels = distributed.gather_no_grad(y_local)  # (N, C) bool
+            known = case.endswith("known")
+            embeddings = distributed.gather_with_grad(out.embeddings, equal_sizes=known)  # (N, EMBED)
+            labels = distributed.gather_no_grad(y_local, equal_sizes=known)  # (N, C) bool
             loss = _loss(case, out.logits, y_local, embeddings, labels, distributed.world_size())
             loss.backward()
             results[case] = {
@@ -78,15 +80,36 @@ def _worker(rank: int, out_dir: str) -> None:
         distributed.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _nan_worker(rank: int, out_dir: str) -> None:
+    """Train the smoke preset on two ranks; rank 1's base loss (not the shared CLML term) turns NaN at its first
+    step of epoch 1, so rank 0's own loss of that step is finite."""
+    from clml_core import engine
+    from clml_core.config import resolve_config
+
+    os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    distributed.setup_from_env("gloo")
+    original = engine.Trainer._train_step
+
+    def poisoned(self, images, observed, index):
+        if rank == 1 and self.epoch == 1 and not hasattr(self, "clean_base"):
+            self.clean_base = self.base_loss
+            self.base_loss = lambda *args, **kwargs: self.clean_base(*args, **kwargs) * float("nan")
+        return original(self, images, observed, index)
+
+    engine.Trainer._train_step = poisoned
+    overrides = {"progress": False, "threads": 1, "log_every": 1, "data": {"limit_train": 128}, "optim": {"epochs": 2}}
+    try:
+        engine.train(resolve_config("smoke", overrides=overrides), Path(out_dir) / "run")
+        message = "finished"
+    except engine.NonFiniteLossError as error:
+        message = str(error)
+    finally:
+        distributed.cleanup()
+    (Path(out_dir) / f"rank{rank}.txt").write_text(message)
 
 
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("ddp")
+def _spawn(worker, out_dir: Path) -> None:
     env = {
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
@@ -98,13 +121,34 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     with pytest.MonkeyPatch.context() as mp_env:
         for key, value in env.items():
             mp_env.setenv(key, value)
-        context = mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD, join=False)
+        context = mp.spawn(worker, args=(str(out_dir),), nprocs=WORLD, join=False)
         deadline = time.monotonic() + TIMEOUT_S
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
                 for process in context.processes:
                     process.kill()
                 pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_message(tmp_path: Path) -> None:
+    _spawn(_nan_worker, tmp_path)
+    own, other = (tmp_path / "rank1.txt").read_text(), (tmp_path / "rank0.txt").read_text()
+    assert own.startswith("loss is nan at epoch 1 step 0 (base nan") and "last good checkpoint" in own
+    assert other.startswith("loss is not finite on another rank in epoch 1") and "last good checkpoint" in other
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 0)  # the epoch-0 checkpoint, written before the NaN
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("ddp")
+    _spawn(_worker, out_dir)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
