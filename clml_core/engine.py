@@ -51,7 +51,7 @@ from clml_core.correction import CorrectionQuality, correct_labels
 from clml_core.data import MultiLabelDataset, labels_checksum
 from clml_core.data.splits import build_splits
 from clml_core.devices import autocast, select_device, to_input
-from clml_core.evaluate import predict
+from clml_core.evaluate import eval_loader, predict
 from clml_core.losses import CLMLLoss, make_base_loss
 from clml_core.losses.authors import AuthorsCLMLLoss
 from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
@@ -356,6 +356,7 @@ class Trainer:
         optim = config.optim
         self.optimizer = torch.optim.Adam(param_groups(self.model, optim.weight_decay), lr=optim.lr)
         self.loader = _train_loader(self.splits.train, config, self.device)
+        self.val_loader = eval_loader(self.splits.val, config, self.device)
         self.steps_per_epoch = self.loader.batch_sampler.steps
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every training batch has the same shape (remainder dropped)
@@ -564,7 +565,7 @@ class Trainer:
             if self.ema is not None:
                 candidates["ema"] = self.ema.module
             for variant, net in candidates.items():
-                pred = predict(net, val, config, self.device)
+                pred = predict(net, val, config, self.device, loader=self.val_loader)
                 score = float(mean_average_precision(pred["observed"], pred["scores"]))
                 row["val_map" if variant == "model" else "val_map_ema"] = score
                 if score > self.best["val_map"]:
