@@ -25,6 +25,7 @@ import torch
 from clml_core.runio import atomic_torch_save
 
 FORMAT = 1
+FOLDER = "checkpoints"  # inside a run folder
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
 REQUIRED = ("format", "config", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "sums", "rows", "rng")

@@ -338,7 +338,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, out_dir: str | Path) -> None:
         self.config = config
         self.out = Path(out_dir)
-        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir = self.out / checkpoints.FOLDER
         self.device = select_device(config.device)
         self.main = dist_utils.is_main_process()
         if config.threads:
@@ -704,7 +704,7 @@ class Trainer:
 
 
 def _holds_run(out: Path) -> bool:
-    return any((out / name).exists() for name in ("config.yaml", "run_info.json", "results.json", "checkpoints"))
+    return any((out / name).exists() for name in ("config.yaml", "run_info.json", "results.json", checkpoints.FOLDER))
 
 
 def _run_config(out: Path, config: TrainConfig | None, resume: bool) -> TrainConfig:
@@ -845,11 +845,20 @@ def train(
         if lock.stale_owner:
             print(f"clml: {lock.describe_stale()}", file=sys.stderr, flush=True)
         config = _run_config(out, config, resume)  # again, now that no other process can change the folder
+        _remove_partial_writes(out)
         return _train_locked(config, out, max_steps)
     finally:
         lock.release()
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused or failed start leaves no empty folder behind
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """Temporary files of writes cut short by a kill (a live writer would hold the lock, so these are dead)."""
+    for folder in (out, out / checkpoints.FOLDER):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
 
 
 def _train_locked(config: TrainConfig, out: Path, max_steps: int | None) -> dict[str, Any]:

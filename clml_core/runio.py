@@ -102,6 +102,7 @@ def _keep(path: Path, previous: Path) -> None:
         os.replace(path, previous)  # no hard links here: for a moment only ``previous`` exists
         return
     os.replace(link, previous)
+    link.unlink(missing_ok=True)  # rename does nothing when both names already link one file (after a kill)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
