@@ -14,10 +14,11 @@ Resuming: the data order and every augmentation are functions of (seed, epoch, i
 model, optimiser, schedule, EMA, loss scaler, the epoch's running sums and the random states, so a resumed run, even
 one killed mid-epoch, ends with the same result as an uninterrupted one.
 
-Stopping: SIGTERM or SIGINT during training lets the current step finish, writes a checkpoint and raises
-:class:`RunInterrupted` (the command line exits with :data:`EXIT_INTERRUPTED`); a second signal stops at once, with
-the previous checkpoint kept. Before training starts and while the test split is scored, the first signal stops at
-once: nothing of the run is lost there, since every file is written atomically.
+Stopping: SIGTERM or SIGINT during training lets the current step finish (under DDP: the next step that logs, when
+the ranks agree), writes a checkpoint and raises :class:`RunInterrupted` (the command line exits with
+:data:`EXIT_INTERRUPTED`); a second SIGINT stops at once, with the previous checkpoint kept, while a repeated SIGTERM
+(a launcher forwarding the scheduler's) is ignored. Before training starts and while the test split is scored, the
+first signal stops at once: nothing of the run is lost there, since every file is written atomically.
 """
 
 from __future__ import annotations
@@ -649,24 +650,25 @@ class Trainer:
         )
 
     def on_signal(self, signum: int, _frame: Any) -> None:
-        """Signal handler: the first signal stops after the current step (while training), a second one at once."""
+        """Signal handler: while training, the first signal stops the run after the current step and a second SIGINT
+        (Ctrl-C twice) stops it at once; a repeated SIGTERM (a launcher forwarding the scheduler's) changes nothing.
+        Outside training every signal stops at once."""
         name = signal.Signals(signum).name
+        if self.stage == "training" and self.stop_signal is not None and signum != signal.SIGINT:
+            return
         if self.stop_signal is not None or self.stage != "training":
             self.stop_signal = signum
             where = {"setup": "before training", "training": "during training", "testing": "while testing"}
+            last = self._last_checkpoint_text()
             raise RunInterrupted(
                 signum,
                 f"stopped by {name} {where[self.stage]} (epoch {self.epoch} step {self.step}); every file saved so "
-                f"far is intact ({self._last_checkpoint_text()[0].lower()}{self._last_checkpoint_text()[1:]}); "
-                "continue with --resume (resume=True)",
+                f"far is intact ({last[0].lower()}{last[1:]}); continue with --resume (resume=True)",
             )
         self.stop_signal = signum
         if self.main:
-            print(
-                f"clml: {name}: finishing this step and writing a checkpoint; send it again to stop at once",
-                file=sys.stderr,
-                flush=True,
-            )
+            again = "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+            print(f"clml: {name}: finishing this step and writing a checkpoint{again}", file=sys.stderr, flush=True)
 
     def finish(self) -> dict[str, Any]:
         """Score the selected weights on the test split once and write ``results.json`` (main process)."""

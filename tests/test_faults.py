@@ -232,3 +232,34 @@ def test_sweep_sigkill_at_random_times(tmp_path, reference):
             kills += process.wait() == KILLED
         finish_and_compare(run, reference_run)
     print(f"\nrandom-time SIGKILLs that hit a live run: {kills} in 10 runs; all resumed identically")
+
+
+@pytest.mark.sweep
+def test_sweep_torchrun_forwards_sigterm_and_the_ranks_stop_together(tmp_path):
+    """torchrun with two processes gets SIGTERM: both ranks stop after the same step, rank 0 checkpoints, and the
+    resumed run ends as an uninterrupted two-process run does."""
+    overrides = [*OVERRIDES, "log_every=1", "optim.batch_size=32"]
+
+    def torchrun(run: Path, *extra: str, wait: bool = True):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        command += ["-m", "clml_core.train", "--preset", "smoke", "--out", str(run), *overrides, *extra]
+        if not wait:
+            return subprocess.Popen(command, cwd=run.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.run(command, cwd=run.parent, capture_output=True, text=True, timeout=600)
+
+    reference_run, run = tmp_path / "reference", tmp_path / "run"
+    assert torchrun(reference_run).returncode == 0
+    launcher = torchrun(run, wait=False)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.pt").exists():
+        assert time.monotonic() < deadline and launcher.poll() is None, "the run never checkpointed"
+        time.sleep(0.05)
+    launcher.terminate()  # SIGTERM to torchrun, which forwards it to both workers
+    _, stderr = launcher.communicate(timeout=300)
+    assert "stopped by SIGTERM at epoch" in stderr, stderr[-3000:]
+    resumed = torchrun(run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics, results = outcome(run)
+    ref_metrics, ref_results = outcome(reference_run)
+    pd.testing.assert_frame_equal(metrics, ref_metrics)
+    assert results == ref_results

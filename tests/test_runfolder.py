@@ -240,20 +240,23 @@ def test_a_signal_checkpoints_after_the_step_and_resume_continues(tmp_path, refe
     assert_same_outcome(run, reference)
 
 
-def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum,stops_at_once", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_a_second_sigint_stops_at_once_a_second_sigterm_changes_nothing(tmp_path, monkeypatch, signum, stops_at_once):
     original = engine_module.Trainer._train_step
 
     def signalled(self, images, observed, index):
         if (self.epoch, self.step) == (0, 1):
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)
         return original(self, images, observed, index)
 
     monkeypatch.setattr(engine_module.Trainer, "_train_step", signalled)
-    with pytest.raises(RunInterrupted, match="SIGTERM during training"):
+    message = f"{signum.name} during training" if stops_at_once else f"{signum.name} at epoch 0 step 2"
+    with pytest.raises(RunInterrupted, match=message):
         train(small(checkpoint_every=1), tmp_path / "run")
     state = checkpoints.read(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"]) == (0, 1)  # the step under way was not checkpointed
+    # At once: the step under way is not checkpointed. Otherwise it finishes and is.
+    assert (state["epoch"], state["step"]) == ((0, 1) if stops_at_once else (0, 2))
 
 
 # ------------------------------------------------------------------------------- files and the command line
