@@ -1,18 +1,61 @@
-"""The CLML benchmark script runs end to end on a tiny shape and prints its table and spread line."""
+"""The CLML benchmark script runs end to end on a tiny shape and prints its table and spread line; its label
+distributions are what they say."""
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_clml_loss import COCO_LIKE, coco_frequencies, draw_labels  # noqa: E402
 
 
 def test_bench_clml_loss_prints_rows_and_the_spread():
     command = [sys.executable, "benchmarks/bench_clml_loss.py", "--shape", "8", "16", "4", "--runs", "2"]
     result = subprocess.run(command + ["--repeats", "2", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    rows = re.findall(r"^\| 8 \| 16 \| 4 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", result.stdout, flags=re.M)
-    assert len(rows) == 2
-    spread = r"^B=8 D=16 C=4, 2 runs: ratio median [\d.]+x, lowest [\d.]+x, highest [\d.]+x$"
-    assert re.search(spread, result.stdout, flags=re.M)
+    for kind in ("uniform", "coco", "single"):
+        row = rf"^\| {kind} \| 8 \| 16 \| 4 \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$"
+        assert len(re.findall(row, result.stdout, flags=re.M)) == 2
+        spread = rf"^{kind} B=8 D=16 C=4, 2 runs: ratio median [\d.]+x, lowest [\d.]+x, highest [\d.]+x$"
+        assert re.search(spread, result.stdout, flags=re.M)
+
+
+def test_label_distributions_have_their_documented_statistics():
+    g = torch.Generator().manual_seed(0)
+    uniform = draw_labels("uniform", 20000, 80, g, COCO_LIKE)
+    assert float(uniform.sum(1).double().mean()) == pytest.approx(3.0, rel=0.02)
+    coco = draw_labels("coco", 20000, 80, g, COCO_LIKE)
+    assert float(coco[:, 0].double().mean()) == pytest.approx(0.546, rel=0.02)  # person
+    assert float(coco.sum(1).double().mean()) == pytest.approx(2.9, rel=0.02)
+    assert (coco.double().mean(0).diff() < 0.02).all()  # most frequent first
+    single = draw_labels("single", 20000, 20, g, COCO_LIKE)
+    assert (single.sum(1) == 1).all()
+    assert float(single[:, 0].double().mean()) > float(single[:, -1].double().mean())
+    assert len(COCO_LIKE) == 80 and sum(COCO_LIKE) == pytest.approx(2.9, rel=0.01)
+
+
+def test_coco_frequencies_are_read_from_instances_json(tmp_path):
+    annotations = {
+        "images": [{"id": i} for i in range(4)],
+        "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 5, "name": "dog"}],
+        "annotations": [
+            {"image_id": 0, "category_id": 1},
+            {"image_id": 0, "category_id": 1},  # two instances in one image count once
+            {"image_id": 1, "category_id": 1},
+            {"image_id": 2, "category_id": 1},
+            {"image_id": 2, "category_id": 3},
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(annotations))
+    assert coco_frequencies(path) == (0.75, 0.25, 0.0)
+    path.write_text(json.dumps({"images": [], "categories": [], "annotations": []}))
+    with pytest.raises(ValueError, match="instances.json: no images or no categories"):
+        coco_frequencies(path)

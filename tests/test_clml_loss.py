@@ -274,10 +274,12 @@ def test_low_precision_autocast_is_finite_and_close_to_float32(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("eigh", ["device", "host"])
+def test_cuda_matches_cpu(eigh):
     z, labels = _draw(32, 64, 20, seed=14, dtype=torch.float32)
     value, grad = _value_and_grad(CLMLLoss(), z, labels)
-    value_cuda, grad_cuda = _value_and_grad(CLMLLoss(check_values=False), z.cuda(), labels.cuda())
+    value_cuda, grad_cuda = _value_and_grad(CLMLLoss(check_values=False, eigh=eigh), z.cuda(), labels.cuda())
+    assert value_cuda.device.type == "cuda" and grad_cuda.device.type == "cuda"
     torch.testing.assert_close(value_cuda.cpu(), value, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_cuda.cpu(), grad, rtol=1e-4, atol=1e-5)
     static = group_nuclear_norms(z.cuda(), labels.cuda(), group_size=32)  # one padded block, static shapes
@@ -286,11 +288,12 @@ def test_cuda_matches_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ILL_CONDITIONED)
-def test_cuda_float32_ill_conditioned_with_tf32_allowed(kind, monkeypatch):
+@pytest.mark.parametrize("eigh", ["device", "host"])
+def test_cuda_float32_ill_conditioned_with_tf32_allowed(kind, eigh, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     z, labels = _ill_conditioned(kind, seed=0)
     z32 = z.float()
-    value, grad = _value_and_grad(CLMLLoss(check_values=False), z32.cuda(), labels.cuda())
+    value, grad = _value_and_grad(CLMLLoss(check_values=False, eigh=eigh), z32.cuda(), labels.cuda())
     _assert_float32_matches_float64_loop(z32, labels, value.cpu(), grad.cpu())
 
 
@@ -324,6 +327,11 @@ def test_negative_hyperparameters_are_rejected(field):
 def test_hyperparameters_that_are_no_finite_number_are_rejected_by_name(field, value, error):
     with pytest.raises(error, match=f"CLMLLoss: {field} must be a"):
         CLMLLoss(**{field: value})
+
+
+def test_unknown_eigh_placement_is_rejected():
+    with pytest.raises(ValueError, match="eigh must be 'device' or 'host', got 'gpu'"):
+        CLMLLoss(eigh="gpu")
 
 
 def test_unchecked_non_finite_embeddings_give_nan_not_a_solver_error():

@@ -9,15 +9,17 @@ term pulls the images that share a label towards a low-rank subspace; the global
 a high-rank one. A weight of 0 switches a term off (the ablation).
 
 How it is computed. ||A||_* = tr sqrt(A A^T), so every nuclear norm is taken from one Gram matrix K = Z Z^T (B, B):
-the Gram of Z_k is the sub-matrix K[S_k, S_k] over the rows S_k of label k. The sub-matrices are gathered in one
-indexing operation into blocks (m, n, n) (members first, zero padding) and decomposed with batched ``eigh`` in
-float64, which converges where float32 ``eigh`` on zero-padded Gram matrices does not. The labels are sorted and
-bucketed by their count (n up to the next power of two), since eigh costs grow fast with n. That reads the counts on
-the host: free on a CPU; on CUDA ``torch.linalg.eigh`` synchronises with the host anyway (as PyTorch documents), and
-its batched solver is used only up to n = 32 (pytorch/pytorch#175585), so padding every label to B would send all of
-them through a per-matrix loop (not timed here: no GPU was available). The cost is then one (B, D) x (D, B) product
-and small eigen-decompositions instead of C SVDs of (n_k, D) matrices, in one autograd node (the loss's constants
-included) whose backward is one (B, B) x (B, D) product.
+the Gram of Z_k is the sub-matrix K[S_k, S_k] over the rows S_k of label k. The labels are sorted and bucketed by
+their count (n up to the next power of two), since eigh costs grow fast with n; each bucket's sub-matrices are
+gathered in one indexing operation into a block (m, n, n) (members first, zero padding), n the bucket's largest
+count, and decomposed with batched ``eigh`` in float64, which converges where float32 ``eigh`` on zero-padded Gram
+matrices does not. Bucketing reads the counts on the host: free on a CPU; on CUDA ``torch.linalg.eigh`` synchronises
+with the host anyway (as PyTorch documents), and its batched solver is used only up to n = 32 (pytorch/pytorch#175585).
+There ``CLMLLoss(eigh="host")`` copies the (B, B) Gram matrix to the host for the decompositions and the (B, B)
+gradient of K back; ``"device"`` keeps them on the device (neither was timed: no GPU was available;
+``benchmarks/bench_clml_loss.py --device cuda --eigh host|device`` compares them). The cost is then one (B, D) x
+(D, B) product and small eigen-decompositions instead of C SVDs of (n_k, D) matrices, in one autograd node (the
+loss's constants included) whose backward is one (B, B) x (B, D) product.
 
 Gradient and subgradient. d tr sqrt(G) / dG = G^{-1/2} / 2, which gives the familiar dZ_k = U V^T of the nuclear
 norm. At rank-deficient points (duplicate rows, a label with one zero row, all-zero embeddings) the nuclear norm is
@@ -57,15 +59,16 @@ def _eigh(sub: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Groups(NamedTuple):
-    """The label groups of one batch as index blocks into the rows of Z.
+    """The label groups of one batch as blocks of sub-matrices of the Gram matrix K = Z Z^T.
 
-    ``rows`` (C', w) holds the row indices of each label of ``classes`` (C',), then B, a pointer to an all-zero
-    padding row; labels not in ``classes`` have no rows. ``spans`` cuts the labels into blocks ``(start, stop, n)``
-    whose n x n Gram matrices are decomposed together.
+    ``spans`` cuts the labels ``classes`` (C',) into blocks ``(start, stop, n)`` whose n x n sub-matrices are
+    decomposed together. ``index`` holds, block after block, the flat positions of those sub-matrices in K padded
+    with a zero last row and column (position B pads a label with fewer than n rows); labels not in ``classes`` have
+    no rows.
     """
 
     classes: Tensor
-    rows: Tensor
+    index: Tensor
     spans: tuple[tuple[int, int, int], ...]
 
 
@@ -73,8 +76,9 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
     """Index blocks of the label groups of ``members`` (C, B) bool.
 
     With ``group_size`` None the labels are sorted by count, those without rows are left out and the rest are
-    bucketed by count rounded up to a power of two (this reads the sorted counts on the host). Otherwise one block
-    holds every label, padded to ``group_size``: static shapes, no host read.
+    bucketed by count rounded up to a power of two (this reads the sorted counts on the host), each block as wide
+    as its largest label. Otherwise one block holds every label, padded to ``group_size``: static shapes, no host
+    read.
     """
     classes, batch = members.shape
     rows = torch.where(members, torch.arange(batch, device=members.device), batch)  # (C, B): row i or padding B
@@ -83,22 +87,26 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
         if members.device.type == "cpu" and classes and int(members.sum(1).max()) > width:  # free to check on CPU
             raise ValueError(f"group_size {group_size} is smaller than the largest label count")
         labels = torch.arange(classes, device=members.device)
-        return _Groups(labels, rows.topk(width, largest=False).values, ((0, classes, width),))
-    counts, labels = torch.sort(members.sum(1), stable=True)
-    counts = counts.tolist()
-    bounds = [bisect.bisect_right(counts, 0)]  # labels without rows are left out
-    while bounds[-1] < classes:  # one block per power of two from 2 on: at most log2(B) blocks
-        bounds.append(bisect.bisect_right(counts, max(2, 1 << (counts[bounds[-1]] - 1).bit_length())))
-    start = bounds[0]
-    spans = tuple((a - start, b - start, counts[b - 1]) for a, b in zip(bounds, bounds[1:]))
-    labels = labels[start:]
-    width = max(1, counts[-1] if counts else 0)
-    return _Groups(labels, rows[labels].topk(width, largest=False).values, spans)
+        spans = ((0, classes, width),)
+    else:
+        counts, labels = torch.sort(members.sum(1), stable=True)
+        counts = counts.tolist()
+        bounds = [bisect.bisect_right(counts, 0)]  # labels without rows are left out
+        while bounds[-1] < classes:  # one block per power of two from 2 on: at most log2(B) blocks
+            bounds.append(bisect.bisect_right(counts, max(2, 1 << (counts[bounds[-1]] - 1).bit_length())))
+        start = bounds[0]
+        spans = tuple((a - start, b - start, counts[b - 1]) for a, b in zip(bounds, bounds[1:]))
+        labels, rows = labels[start:], rows[labels[start:]]
+        width = max(1, counts[-1] if counts else 0)
+    rows = rows.topk(width, largest=False).values  # (C', w): the label's rows first, then padding
+    pairs = rows[:, :, None] * (batch + 1) + rows[:, None, :]  # (C', w, w) flat positions in the padded K
+    index = [pairs[a:b, :n, :n].reshape(-1) for a, b, n in spans]
+    return _Groups(labels, torch.cat(index) if index else pairs.view(-1), spans)
 
 
-def _norms_forward(z: Tensor, groups: _Groups | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _norms_forward(z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
     """||Z||_* and the norms ||Z_k||_* of the labels of ``groups.classes`` as one float64 vector (1 + C',), from one
-    float64 Gram matrix K = Z Z^T, and the tensors their backward needs.
+    float64 Gram matrix K = Z Z^T, and the tensors their backward needs (on the host with ``host``).
 
     The Gram matrix of Z_k is K[S_k, S_k]; ||Z_k||_* = tr sqrt(K[S_k, S_k]) is the sum of the square roots of its
     kept eigenvalues.
@@ -106,60 +114,70 @@ def _norms_forward(z: Tensor, groups: _Groups | None) -> tuple[Tensor, tuple[Ten
     batch, dim = z.shape
     z64 = z.double()  # autocast leaves float64 alone, so everything below runs in float64 under it too
     gram = z64 @ z64.T
+    if host:
+        gram = gram.cpu()
+        if groups is not None:
+            groups = _Groups(groups.classes, groups.index.cpu(), groups.spans)
     # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
     finite = torch.isfinite(gram).all()
     gram = torch.where(finite, gram, 0.0)
-    evals, evecs = _eigh(gram)
-    evals, local = evals[None], ()
+    blocks = len(groups.classes) if groups is not None else 0
+    evals = gram.new_zeros(1 + blocks, batch)  # (1 + C', B): every norm's eigenvalues, zero padded (never kept)
+    evals[0], evecs = _eigh(gram)
+    vectors = []  # one (m, n, n) block of eigenvectors per span
     if groups is not None:
-        # Flat positions of every label's sub-matrix in the (B + 1, B + 1) Gram matrix with a zero last row.
-        pairs = groups.rows[:, :, None] * (batch + 1) + groups.rows[:, None, :]  # (C', w, w)
-        subs = torch.nn.functional.pad(gram, (0, 1, 0, 1)).view(-1)[pairs]
-        local_evals = gram.new_zeros(pairs.shape[0], batch)  # zeros are never kept
-        vectors = gram.new_zeros(subs.shape)  # (C', w, w), zero outside each label's n x n block
+        subs = torch.nn.functional.pad(gram, (0, 1, 0, 1)).view(-1)[groups.index]
+        offset = 0
         for a, b, n in groups.spans:
-            local_evals[a:b, :n], vectors[a:b, :n, :n] = _eigh(subs[a:b, :n, :n])
-        evals = torch.cat([evals, local_evals])  # (1 + C', B): every label at once from here on
-        local = (pairs, vectors)
+            block = subs[offset : offset + (b - a) * n * n].view(b - a, n, n)
+            offset += (b - a) * n * n
+            evals[1 + a : 1 + b, :n], block_vectors = _eigh(block)
+            vectors.append(block_vectors)
     # What a float64 Gram matrix resolves: eigenvalues carry an error of about max(B, D) * eps64 * lambda_max.
     tol = evals.amax(-1, keepdim=True).clamp(min=0) * (max(batch, dim) * torch.finfo(torch.float64).eps)
     root = torch.where(evals > tol, evals, 0.0).sqrt()  # (1 + C', B) singular values
-    return torch.where(finite, root.sum(-1), math.nan), (z64, root, evecs, *local)
+    values = torch.where(finite, root.sum(-1), math.nan).to(z.device)
+    local = (groups.index, *vectors) if vectors else ()
+    return values, (z64, root, evecs, *local)
 
 
-def _norms_backward(saved: tuple[Tensor, ...], grad_values: Tensor) -> Tensor:
+def _norms_backward(saved: tuple[Tensor, ...], spans: tuple[tuple[int, int, int], ...], grad_values: Tensor) -> Tensor:
     """dZ (B, D) float64 for the gradient ``grad_values`` (1 + C',) of the vector of :func:`_norms_forward`."""
     if torch.is_grad_enabled():  # autograd runs a backward in grad mode only with create_graph=True
         raise RuntimeError(
             "CLMLLoss: second derivatives are not implemented; backward with create_graph=True is not supported"
         )
     z64, root, evecs, *local = saved
-    # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues.
-    scaled = torch.where(root > 0, 0.5 / root, 0.0) * grad_values[:, None]
+    # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues, and K = Z Z^T with a
+    # symmetric dK gives dZ = 2 dK Z: dZ = V diag(1 / sqrt(lambda)) V^T Z.
+    scaled = torch.where(root > 0, root.reciprocal(), 0.0) * grad_values.to(root.device)[:, None]
     grad_gram = (evecs * scaled[0]) @ evecs.T
     if local:
-        pairs, vectors = local
-        grad_subs = (vectors * scaled[1:, None, : pairs.shape[-1]]) @ vectors.mT  # (C', w, w)
+        index, *vectors = local
+        grad_subs = [
+            ((block * scaled[1 + a : 1 + b, None, :n]) @ block.mT).view(-1) for (a, b, n), block in zip(spans, vectors)
+        ]
         padded = torch.nn.functional.pad(grad_gram, (0, 1, 0, 1)).view(-1)
-        padded.index_add_(0, pairs.view(-1), grad_subs.view(-1))
+        padded.index_add_(0, index, torch.cat(grad_subs))
         grad_gram = padded.view(z64.shape[0] + 1, -1)[:-1, :-1]
-    # K = Z Z^T and a symmetric dK give dZ = 2 dK Z, in float64 (see the module docstring).
-    return 2 * grad_gram @ z64
+    # In float64 (see the module docstring).
+    return grad_gram.to(z64.device) @ z64
 
 
 class _NuclearNorms(torch.autograd.Function):
     """||Z||_* (0-dim) and the norms (C',) of the labels of ``groups.classes``, in float64."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, groups: _Groups | None) -> tuple[Tensor, Tensor]:
-        values, saved = _norms_forward(z, groups)
+    def forward(ctx, z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tensor, Tensor]:
+        values, saved = _norms_forward(z, groups, host)
         ctx.save_for_backward(*saved)
-        ctx.dtype = z.dtype
+        ctx.spans, ctx.dtype = groups.spans if groups is not None else (), z.dtype
         return values[0], values[1:]
 
     @staticmethod
-    def backward(ctx, grad_norm: Tensor, grad_norms: Tensor) -> tuple[Tensor, None]:
-        return _norms_backward(ctx.saved_tensors, torch.cat([grad_norm[None], grad_norms])).to(ctx.dtype), None
+    def backward(ctx, grad_norm: Tensor, grad_norms: Tensor) -> tuple[Tensor, None, None]:
+        grad_values = torch.cat([grad_norm[None], grad_norms])
+        return _norms_backward(ctx.saved_tensors, ctx.spans, grad_values).to(ctx.dtype), None, None
 
 
 class _Weights(NamedTuple):
@@ -177,17 +195,16 @@ class _CLMLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, z: Tensor, groups: _Groups | None, weights: _Weights, out_dtype: torch.dtype
+        ctx, z: Tensor, groups: _Groups | None, weights: _Weights, out_dtype: torch.dtype, host: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        values, saved = _norms_forward(z, groups)
+        values, saved = _norms_forward(z, groups, host)
         norms = values[1:]
         # Labels left out of ``norms`` have no rows and contribute delta each (all of them at local weight 0).
         local = weights.local * (norms.clamp(min=weights.delta).sum() + weights.delta * weights.missing)
         global_ = weights.global_ * values[0]
         loss = weights.scale * (local - global_)
         ctx.save_for_backward(*saved, norms >= weights.delta)  # where max(delta, .) passes the gradient
-        ctx.weights = weights
-        ctx.dtype = z.dtype
+        ctx.weights, ctx.spans, ctx.dtype = weights, groups.spans if groups is not None else (), z.dtype
         return loss.to(out_dtype), local.to(out_dtype), global_.to(out_dtype)
 
     @staticmethod
@@ -198,17 +215,17 @@ class _CLMLFunction(torch.autograd.Function):
         grad_loss, grad_local, grad_global = grad_loss.double(), grad_local.double(), grad_global.double()
         grad_norm = weights.global_ * (grad_global - weights.scale * grad_loss)
         grad_norms = weights.local * (weights.scale * grad_loss + grad_local) * passes
-        grad_z = _norms_backward(saved, torch.cat([grad_norm[None], grad_norms])).to(ctx.dtype)
-        return grad_z, None, None, None
+        grad_z = _norms_backward(saved, ctx.spans, torch.cat([grad_norm[None], grad_norms])).to(ctx.dtype)
+        return grad_z, None, None, None, None
 
 
 def _nuclear_norms(
-    embeddings: Tensor, labels: Tensor | None, group_size: int | None = None
+    embeddings: Tensor, labels: Tensor | None, group_size: int | None = None, host: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """||Z||_* (0-dim), the norms ||Z_k||_* (C',) of the labels ``classes`` (C',), all float64; every other label
     has no rows."""
     groups = _label_groups(labels.T, group_size) if labels is not None else None
-    norm, norms = _NuclearNorms.apply(embeddings, groups)
+    norm, norms = _NuclearNorms.apply(embeddings, groups, host)
     classes = groups.classes if groups is not None else embeddings.new_zeros(0, dtype=torch.long)
     return norm, norms, classes
 
@@ -280,6 +297,10 @@ class CLMLLoss(nn.Module):
         global_weight: weight of the whole-batch high-rank push (0 switches it off).
         check_values: check that embeddings are finite and labels in {0, 1}. This reads tensor values, one device
             synchronisation per call on an accelerator; the training engine turns it off there.
+        eigh: where the eigen-decompositions run when the embeddings are on an accelerator: ``"device"`` (there), or
+            ``"host"`` (the (B, B) Gram matrix is copied to the CPU, and the (B, B) gradient of the Gram matrix back;
+            the two (B, D) products stay on the device). The same on a CPU. ``benchmarks/bench_clml_loss.py
+            --device cuda --eigh host|device`` times the two.
 
     Example:
         >>> z = torch.randn(4, 8, requires_grad=True)
@@ -294,8 +315,11 @@ class CLMLLoss(nn.Module):
         local_weight: float = 1.0,
         global_weight: float = 1.0,
         check_values: bool = True,
+        eigh: str = "device",
     ) -> None:
         super().__init__()
+        if eigh not in ("device", "host"):
+            raise ValueError(f"CLMLLoss: eigh must be 'device' or 'host', got {eigh!r}")
         for name, value in (
             ("lam", lam),
             ("delta", delta),
@@ -311,6 +335,7 @@ class CLMLLoss(nn.Module):
         self.local_weight = local_weight
         self.global_weight = global_weight
         self.check_values = check_values
+        self.eigh = eigh
 
     def extra_repr(self) -> str:
         return (
@@ -333,7 +358,8 @@ class CLMLLoss(nn.Module):
         missing = classes - (groups.classes.shape[0] if groups is not None else 0)
         weights = _Weights(self.lam / batch, self.delta, self.local_weight, self.global_weight, missing)
         out_dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        return CLMLTerms(*_CLMLFunction.apply(embeddings, groups, weights, out_dtype))
+        host = self.eigh == "host" and embeddings.device.type != "cpu"
+        return CLMLTerms(*_CLMLFunction.apply(embeddings, groups, weights, out_dtype, host))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """CLML loss (0-dim) for embeddings (B, D) and labels (B, C); see :meth:`terms`."""
