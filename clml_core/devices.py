@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from clml_core.config import TrainConfig
+from clml_core.data.dataset import decode_batch
 
 
 def select_device(name: str) -> torch.device:
@@ -18,8 +19,11 @@ def select_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def to_input(images: Tensor, config: TrainConfig, device: torch.device) -> Tensor:
-    """A batch (B, 3, H, W) on the device as float in [0, 1] (uint8 batches are converted here)."""
+def to_input(images: Tensor | list[Tensor], config: TrainConfig, device: torch.device) -> Tensor:
+    """A batch (B, 3, H, W) on the device as float in [0, 1] (uint8 batches are converted here, and a list of JPEG
+    byte tensors from a jpeg cache with ``data.decode=device`` is decoded here, in one call)."""
+    if isinstance(images, list):
+        images = decode_batch(images, device)
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = images.float().div_(255)

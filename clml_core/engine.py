@@ -50,6 +50,7 @@ from clml_core import distributed as dist_utils
 from clml_core.config import TrainConfig, config_diff, read_run_config, to_dict
 from clml_core.correction import CorrectionQuality, correct_labels
 from clml_core.data import MultiLabelDataset, labels_checksum
+from clml_core.data.dataset import collate
 from clml_core.data.splits import build_splits
 from clml_core.devices import autocast, select_device, to_input
 from clml_core.evaluate import eval_loader, predict
@@ -166,6 +167,7 @@ def _train_loader(dataset: MultiLabelDataset, config: TrainConfig, device: torch
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         worker_init_fn=ignore_stop_signals,
+        collate_fn=collate,
     )
 
 

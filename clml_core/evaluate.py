@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from clml_core.config import TrainConfig
-from clml_core.data.dataset import MultiLabelDataset
+from clml_core.data.dataset import MultiLabelDataset, collate
 from clml_core.devices import autocast, to_input
 
 
@@ -24,6 +24,7 @@ def eval_loader(
         num_workers=workers,
         pin_memory=device is not None and device.type == "cuda",
         persistent_workers=workers > 0,
+        collate_fn=collate,
     )
 
 

@@ -139,3 +139,57 @@ def test_array_backed_dataset_and_bad_size_are_rejected(tmp_path):
     paths, _ = _write_images(tmp_path)
     with pytest.raises(ValueError, match="size"):
         build_packed_cache(_dataset(paths), 0, tmp_path / "c.npy")
+
+
+def _smooth_images(folder, n=6, size=48):
+    """Photo-like (smooth) PNGs, so JPEG at high quality stays close to the pixels."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    paths = []
+    for i in range(n):
+        array = np.stack([128 + 100 * np.sin(2 * np.pi * (xx * (1 + 0.25 * i) + yy * c)) for c in (0.5, 1, 2)], axis=-1)
+        paths.append(folder / f"smooth_{i}.png")
+        Image.fromarray(array.astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_jpeg_cache_decodes_close_to_the_raw_cache_in_a_fraction_of_the_bytes(tmp_path, workers):
+    paths = _smooth_images(tmp_path)
+    dataset = MultiLabelDataset(["a"], np.ones((len(paths), 1)), image_paths=paths, name="smooth")
+    raw = build_packed_cache(dataset, 40, tmp_path / "r.npy", progress=False)
+    jpeg = build_packed_cache(
+        dataset, 40, tmp_path / "j.jpegs", fmt="jpeg", quality=95, workers=workers, progress=False
+    )
+    assert jpeg.format == "jpeg" and jpeg.quality == 95 and len(jpeg) == len(paths)
+    assert jpeg.nbytes < raw.images.nbytes / 3
+    packed = jpeg.dataset(dataset)
+    for i in range(len(paths)):
+        decoded = packed.read_image(i)  # (3, 40, 40) uint8
+        error = (decoded.int() - torch.from_numpy(np.array(raw.images[i])).permute(2, 0, 1).int()).abs().float()
+        # Chroma subsampling costs a few levels on these colourful patterns; a wrong image is ~70 off.
+        assert decoded.shape == (3, 40, 40) and error.mean() < 5.0, (i, error.mean())
+    reopened = PackedCache.open(tmp_path / "j.jpegs")  # the same bytes, memory-mapped
+    assert torch.equal(reopened.dataset(dataset).read_image(3), packed.read_image(3))
+    # Another quality is another cache: rebuilt, not reused.
+    other = build_packed_cache(dataset, 40, tmp_path / "j.jpegs", fmt="jpeg", quality=50, progress=False)
+    assert other.quality == 50 and other.nbytes < jpeg.nbytes
+
+
+def test_jpeg_items_decode_on_the_device_exactly_as_in_the_workers(tmp_path):
+    import pickle
+
+    from clml_core.data.dataset import collate, decode_batch
+
+    paths = _smooth_images(tmp_path)
+    dataset = MultiLabelDataset(["a"], np.ones((len(paths), 1)), image_paths=paths, name="smooth")
+    cache = build_packed_cache(dataset, 32, tmp_path / "j.jpegs", fmt="jpeg", progress=False)
+    carve = cache.dataset(dataset).subset([4, 1, 2])  # rows of the one cache, as a train / validation carve
+    encoded = pickle.loads(pickle.dumps(carve.with_encoded_items()))  # as a spawned DataLoader worker gets it
+    images, observed, index = collate([encoded[i] for i in range(3)])
+    assert isinstance(images, list) and images[0].ndim == 1 and index.tolist() == [0, 1, 2]
+    batch = decode_batch(images, torch.device("cpu"))
+    assert torch.equal(batch, torch.stack([carve.read_image(i) for i in range(3)]))
+    with pytest.raises(ValueError, match="has a transform"):
+        carve.with_transform(lambda x: x).with_encoded_items()
+    with pytest.raises(ValueError, match="no JPEG store"):
+        dataset.with_encoded_items()

@@ -161,8 +161,9 @@ def test_paper_study_trains_every_notebook_on_the_coco_it_is_given(tmp_path):
     assert statistics["statistics"]["full labels"]["n_images"] + 4 == len(train_labels)  # 10% carved for validation
     assert statistics["statistics"]["test (full labels)"]["n_images"] == len(test_labels)
     assert (figures / "main_table.md").is_file() and (figures / "embeddings.png").is_file()
-    # The packed cache holds each source split once, whatever the protocol: two files, not one per carve.
-    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.npy")) == ["train2017-64px.npy", "val2017-64px.npy"]
+    # The packed JPEG cache holds each source split once, whatever the protocol: two stores, not one per carve.
+    stores = sorted(p.name for p in (tmp_path / "cache").rglob("*.jpegs"))
+    assert stores == ["train2017-64px-q90.jpegs", "val2017-64px-q90.jpegs"]
 
 
 @pytest.mark.slow
@@ -215,3 +216,30 @@ def test_the_paper_preset_resolves_to_the_named_dataset():
     for dataset in ("coco", "voc", "nuswide"):
         config = resolve_config("paper", overrides=with_dataset("paper", {}, dataset, f"/data/{dataset}"))
         assert (config.data.dataset, config.data.root) == (dataset, f"/data/{dataset}")
+
+
+def test_a_jpeg_cache_decoded_on_the_device_trains_exactly_as_decoded_in_the_workers(tmp_path):
+    import pandas as pd
+
+    from clml_core.engine import train
+
+    root = tmp_path / "coco"
+    write_coco(root, "train2017", 40, seed=1)
+    write_coco(root, "val2017", 16, seed=2)
+    results = {}
+    for decode in ("workers", "device"):
+        data = {"dataset": "coco", "root": str(root), "train_split": "train2017", "test_split": "val2017"}
+        data |= {"image_size": 24, "packed_cache": True, "cache_format": "jpeg", "decode": decode}
+        data |= {"cache_dir": str(tmp_path / "cache"), "workers": 1 if decode == "workers" else 0}
+        overrides = {"progress": False, "threads": 1, "data": data, "optim": {"epochs": 2, "batch_size": 8}}
+        out = tmp_path / decode
+        results[decode] = train(resolve_config("smoke", overrides=overrides), out)
+        results[decode]["metrics"] = pd.read_csv(out / "metrics.csv").drop(columns=["seconds"])
+    pd.testing.assert_frame_equal(results["workers"].pop("metrics"), results["device"].pop("metrics"))
+    assert results["workers"]["test_map"] == results["device"]["test_map"]
+    assert len(list((tmp_path / "cache").rglob("*.jpegs"))) == 2  # built once, used by both runs
+
+
+def test_decoding_on_the_device_needs_a_jpeg_cache():
+    with pytest.raises(ValueError, match="'data.decode' and 'data.packed_cache'/'data.cache_format' contradict"):
+        resolve_config("paper", overrides={"data": {"root": "/x", "cache_format": "raw"}})

@@ -8,8 +8,16 @@ interpolation, and writes the result into a ``.npy`` file of shape (N, size, siz
 :meth:`PackedCache.open` memory-maps read-only. Training workers then share the page cache instead of
 decoding.
 
+Two formats. ``"raw"``: the (N, size, size, 3) uint8 array itself, no decoding at all when training, but
+3 * size**2 bytes per image: COCO-2014 (123,287 images) at 448 px is 74 GB, more than a 64 GiB disk holds.
+``"jpeg"``: each resized image re-encoded as a JPEG (``quality``, default 90) into one flat byte file
+(``<file>``, memory-mapped) with an offsets array (``<file>.offsets.npy``); a tenth or less of the raw bytes
+(``benchmarks/bench_loading.py`` measures both), decoded per item by libjpeg-turbo in the DataLoader workers,
+or per batch on the GPU with nvJPEG (:func:`clml_core.data.dataset.decode_batch`). Either way a cache holds
+one whole source split; protocols and train / validation carves index its rows.
+
 A JSON sidecar (``<file>.json``) records a fingerprint of the source: every image path with its file size
-and modification time, and the target size. The cache is reused while that fingerprint matches and rebuilt
+and modification time, the target size and the format. The cache is reused while that fingerprint matches and rebuilt
 otherwise. The array is written to a temporary file and moved into place with ``os.replace``, and the old
 sidecar is removed first, so an interrupted build never leaves a cache that looks valid.
 """
@@ -24,22 +32,30 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+from torchvision.io import encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from .dataset import MultiLabelDataset, PathLike
+from .dataset import EncodedImages, MultiLabelDataset, PathLike
 
 CACHE_VERSION = 1
 _CHUNK_PER_WORKER = 32  # images decoded per thread before the next chunk is queued
 
 
-def source_fingerprint(image_paths: Sequence[PathLike], size: int) -> str:
-    """SHA-256 over (path, file size, mtime in ns) of every image, in order, and the target size.
+FORMATS = ("raw", "jpeg")
+
+
+def source_fingerprint(image_paths: Sequence[PathLike], size: int, fmt: str = "raw", quality: int = 0) -> str:
+    """SHA-256 over (path, file size, mtime in ns) of every image, in order, the target size and the format.
 
     Raises:
         FileNotFoundError: An image file does not exist; the message names it.
     """
-    digest = hashlib.sha256(f"clml-packed-cache v{CACHE_VERSION} size={size} n={len(image_paths)}\n".encode())
+    header = f"clml-packed-cache v{CACHE_VERSION} size={size} n={len(image_paths)}"
+    if fmt != "raw":  # raw caches keep the fingerprint they always had
+        header += f" format={fmt} quality={quality}"
+    digest = hashlib.sha256(f"{header}\n".encode())
     for path in image_paths:
         try:
             stat = os.stat(path)
@@ -53,21 +69,36 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def _offsets_file(path: Path) -> Path:
+    return path.with_name(path.name + ".offsets.npy")
+
+
 class PackedCache:
-    """A read-only, memory-mapped (N, size, size, 3) uint8 image array and its source fingerprint.
+    """A read-only, memory-mapped packed cache and its source fingerprint.
 
     Attributes:
-        path: The ``.npy`` file.
-        images: (N, size, size, 3) uint8 ``np.memmap`` opened read-only.
+        path: The ``.npy`` array (raw) or the byte file (jpeg).
+        images: (N, size, size, 3) uint8 ``np.memmap`` (raw) or an :class:`EncodedImages` store (jpeg).
         size: Image side in pixels.
         fingerprint: :func:`source_fingerprint` of the images it was built from.
+        format: ``"raw"`` or ``"jpeg"``.
+        quality: JPEG quality of a jpeg cache (0 for raw).
     """
 
-    def __init__(self, path: Path, images: np.ndarray, fingerprint: str) -> None:
+    def __init__(
+        self, path: Path, images: np.ndarray | EncodedImages, size: int, fingerprint: str, fmt: str, quality: int
+    ) -> None:
         self.path = path
         self.images = images
-        self.size = images.shape[1]
+        self.size = size
         self.fingerprint = fingerprint
+        self.format = fmt
+        self.quality = quality  # JPEG quality (0 for raw)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk of the image data (and offsets)."""
+        return int(self.images.nbytes)
 
     @classmethod
     def open(cls, path: PathLike) -> PackedCache:
@@ -75,7 +106,7 @@ class PackedCache:
 
         Raises:
             FileNotFoundError: The array or its sidecar is missing.
-            ValueError: The sidecar is unreadable or does not describe the array (wrong shape or version).
+            ValueError: The sidecar is unreadable or does not describe the files (wrong shape or version).
         """
         path = Path(path)
         sidecar = _sidecar(path)
@@ -84,28 +115,38 @@ class PackedCache:
                 raise FileNotFoundError(f"packed cache file not found: {required}")
         try:
             meta = json.loads(sidecar.read_text())
-            expected = (meta["n"], meta["size"], meta["size"], 3)
-            version, fingerprint = meta["version"], meta["fingerprint"]
+            n, size, version, fingerprint = meta["n"], meta["size"], meta["version"], meta["fingerprint"]
+            fmt, quality = meta.get("format", "raw"), meta.get("quality", 0)
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{sidecar} is not a packed-cache sidecar: {err}") from err
         if version != CACHE_VERSION:
             raise ValueError(f"{sidecar} has cache version {version}, expected {CACHE_VERSION}; rebuild it")
+        if fmt == "jpeg":
+            try:
+                offsets = np.load(_offsets_file(path), mmap_mode="r")
+                images: np.ndarray | EncodedImages = EncodedImages(np.memmap(path, dtype=np.uint8, mode="r"), offsets)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{path} and {_offsets_file(path)} are not a readable JPEG store: {err}") from err
+            if len(images) != n:
+                raise ValueError(f"{path} holds {len(images)} JPEG images, but {sidecar} says {n}")
+            return cls(path, images, size, fingerprint, fmt, quality)
+        expected = (n, size, size, 3)
         try:
             images = np.load(path, mmap_mode="r")
         except ValueError as err:
             raise ValueError(f"{path} is not a readable .npy array: {err}") from err
         if images.shape != expected or images.dtype != np.uint8:
             raise ValueError(f"{path} holds {images.dtype} {images.shape}, but {sidecar} says uint8 {expected}")
-        return cls(path, images, fingerprint)
+        return cls(path, images, size, fingerprint, fmt, quality)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.images)
 
     def matches(self, dataset: MultiLabelDataset) -> bool:
         """Whether this cache was built from ``dataset``'s image files as they are now (same order)."""
         if dataset.image_paths is None or len(dataset) != len(self):
             return False
-        return source_fingerprint(dataset.image_paths, self.size) == self.fingerprint
+        return source_fingerprint(dataset.image_paths, self.size, self.format, self.quality) == self.fingerprint
 
     def dataset(self, source: MultiLabelDataset) -> MultiLabelDataset:
         """``source`` with its images read from this cache instead of decoded from files.
@@ -131,7 +172,7 @@ class PackedCache:
         )
 
     def __repr__(self) -> str:
-        return f"PackedCache(path={str(self.path)!r}, images={len(self)}, size={self.size})"
+        return f"PackedCache(path={str(self.path)!r}, images={len(self)}, size={self.size}, format={self.format!r})"
 
 
 def _decode_resized(dataset: MultiLabelDataset, index: int, size: int) -> np.ndarray:
@@ -142,24 +183,46 @@ def _decode_resized(dataset: MultiLabelDataset, index: int, size: int) -> np.nda
     return image.permute(1, 2, 0).numpy()
 
 
+def _encoded_resized(dataset: MultiLabelDataset, index: int, size: int, quality: int) -> np.ndarray:
+    """Row ``index`` decoded, resized and re-encoded as JPEG: 1-D uint8 bytes."""
+    image = torch.from_numpy(_decode_resized(dataset, index, size)).permute(2, 0, 1)
+    return encode_jpeg(image, quality=quality).numpy()
+
+
+def _rows_in_order(pool: ThreadPoolExecutor | None, work, n: int, workers: int):
+    """``work(i)`` for i in 0..n-1, in order; in chunks on the pool, which bound the results held in memory."""
+    if pool is None:
+        yield from (work(i) for i in range(n))
+        return
+    chunk = _CHUNK_PER_WORKER * workers
+    for start in range(0, n, chunk):
+        yield from pool.map(work, range(start, min(n, start + chunk)))
+
+
 def build_packed_cache(
     dataset: MultiLabelDataset,
     size: int,
     path: PathLike,
     *,
+    fmt: str = "raw",
+    quality: int = 90,
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> PackedCache:
     """Decode, resize and pack ``dataset``'s images into ``path``, or reuse the cache already there.
 
-    Decoding runs in a thread pool (PIL's decoders and torch's resize release the GIL), which needs no copy of
-    the dataset in worker processes; benchmarks/bench_loading.py prints the build rate with 1 and N threads.
+    Decoding (and JPEG encoding) runs in a thread pool (PIL's decoders and torch's resize and JPEG codec release
+    the GIL), which needs no copy of the dataset in worker processes; benchmarks/bench_loading.py prints the build
+    rate.
 
     Args:
         dataset: Source with ``image_paths`` (its transform is not applied).
         size: Side of the stored square images, in pixels.
-        path: Cache file, conventionally ``<name>_<size>.npy``; the sidecar is ``<path>.json``.
+        path: Cache file, conventionally ``<split>-<size>px.npy`` (raw) or ``<split>-<size>px-q<quality>.jpegs``;
+            the sidecar is ``<path>.json``, a jpeg cache's offsets ``<path>.offsets.npy``.
+        fmt: ``"raw"`` (uint8 pixels) or ``"jpeg"`` (re-encoded at ``quality``); see the module docstring.
+        quality: JPEG quality in [1, 100] of a jpeg cache.
         workers: Decoding threads; defaults to the number of CPUs (at most 8). 0 or 1 decodes inline.
         force: Rebuild even if the sidecar matches.
         progress: Show a tqdm bar.
@@ -168,7 +231,7 @@ def build_packed_cache(
         The opened cache, rows in dataset order.
 
     Raises:
-        ValueError: ``dataset`` has no image files, or ``size`` < 1.
+        ValueError: ``dataset`` has no image files, ``size`` < 1, or an unknown format or quality.
         FileNotFoundError, OSError: An image is missing or cannot be decoded (raised by the dataset, naming
             the file); no cache is written.
     """
@@ -177,7 +240,12 @@ def build_packed_cache(
         raise ValueError(f"dataset {dataset.name!r} has no image files to cache; its images are already an array")
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
-    fingerprint = source_fingerprint(dataset.image_paths, size)
+    if fmt not in FORMATS:
+        raise ValueError(f"packed cache format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "jpeg" and not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
+    quality = quality if fmt == "jpeg" else 0
+    fingerprint = source_fingerprint(dataset.image_paths, size, fmt, quality)
     sidecar = _sidecar(path)
     if not force and path.is_file() and sidecar.is_file():
         try:
@@ -190,33 +258,40 @@ def build_packed_cache(
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp_offsets = path.with_name(f".{path.name}.{os.getpid()}.offsets.tmp.npy")
     n = len(dataset)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         with tqdm(total=n, desc=f"packing {dataset.name or 'images'} at {size}px", disable=not progress) as bar:
-            if workers <= 1:
-                for i in range(n):
-                    out[i] = _decode_resized(dataset, i, size)
+            if fmt == "raw":
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+                work = lambda j: _decode_resized(dataset, j, size)  # noqa: E731
+                for i, image in enumerate(_rows_in_order(pool, work, n, workers)):
+                    out[i] = image
                     bar.update()
+                out.flush()
+                del out
             else:
-                pool = ThreadPoolExecutor(workers)
-                try:
-                    # Chunks bound the decoded images held in memory while they wait for their turn.
-                    chunk = _CHUNK_PER_WORKER * workers
-                    for start in range(0, n, chunk):
-                        rows = range(start, min(n, start + chunk))
-                        for i, image in zip(rows, pool.map(lambda j: _decode_resized(dataset, j, size), rows)):
-                            out[i] = image
-                            bar.update()
-                finally:
-                    pool.shutdown(wait=True, cancel_futures=True)  # after an error, skip the queued images
-        out.flush()
-        del out
+                offsets = np.zeros(n + 1, dtype=np.int64)
+                with tmp.open("wb") as handle:
+                    code = lambda j: _encoded_resized(dataset, j, size, quality)  # noqa: E731
+                    for i, encoded in enumerate(_rows_in_order(pool, code, n, workers)):
+                        handle.write(encoded.tobytes())
+                        offsets[i + 1] = offsets[i] + encoded.shape[0]
+                        bar.update()
+                np.save(tmp_offsets, offsets)
         sidecar.unlink(missing_ok=True)  # from here until the new sidecar exists the cache reads as invalid
+        if fmt == "jpeg":
+            os.replace(tmp_offsets, _offsets_file(path))
         os.replace(tmp, path)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error, skip the queued images
         tmp.unlink(missing_ok=True)
+        tmp_offsets.unlink(missing_ok=True)
     meta = {"version": CACHE_VERSION, "n": n, "size": size, "fingerprint": fingerprint, "source": dataset.name}
+    if fmt == "jpeg":
+        meta |= {"format": fmt, "quality": quality}
     tmp_meta = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_meta, sidecar)

@@ -141,6 +141,83 @@ def read_image(path: PathLike) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+def _memmap_state(array: np.ndarray) -> np.ndarray | _MemmapLocation:
+    """A file-backed read-only memmap as its location (so pickling does not copy it), anything else unchanged."""
+    if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename:
+        return _MemmapLocation(array.filename, array.dtype.str, array.shape, array.offset)
+    return array
+
+
+def _memmap_restore(state: np.ndarray | _MemmapLocation) -> np.ndarray:
+    if isinstance(state, _MemmapLocation):
+        return np.memmap(state.filename, dtype=state.dtype, mode="r", shape=state.shape, offset=state.offset)
+    return state
+
+
+class EncodedImages:
+    """N JPEG-encoded images in one flat byte array: row i is ``data[offsets[i]:offsets[i + 1]]``.
+
+    A quarter to a tenth of the bytes of the decoded (N, H, W, 3) array (see :mod:`clml_core.data.cache`).
+    Decoding uses ``torchvision.io.decode_jpeg`` (libjpeg-turbo on the CPU; nvJPEG with ``device="cuda"``).
+
+    Args:
+        data: 1-D uint8 array (in memory or ``np.memmap``).
+        offsets: (N + 1,) int64 non-decreasing offsets into ``data``, from 0 to ``len(data)``.
+    """
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        if data.ndim != 1 or data.dtype != np.uint8:
+            raise ValueError(f"encoded image data must be a 1-D uint8 array, got {data.dtype} {data.shape}")
+        if offsets.ndim != 1 or offsets.shape[0] < 1 or not np.issubdtype(offsets.dtype, np.integer):
+            raise ValueError(f"offsets must be a 1-D integer array of N + 1 entries, got {offsets.dtype}")
+        if offsets[0] != 0 or offsets[-1] != data.shape[0] or (np.diff(offsets) <= 0).any():
+            raise ValueError(f"offsets must rise strictly from 0 to len(data) = {data.shape[0]}")
+        self.data, self.offsets = data, offsets
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes + self.offsets.nbytes)
+
+    def encoded(self, row: int) -> torch.Tensor:
+        """Row ``row``'s JPEG bytes: a 1-D uint8 tensor (a copy, so it owns writable memory)."""
+        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+        return torch.from_numpy(np.array(self.data[start:end]))
+
+    def decode(self, row: int) -> torch.Tensor:
+        """Row ``row`` decoded on the CPU: (3, H, W) uint8."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(self.encoded(row), mode=ImageReadMode.RGB)
+
+    def __getstate__(self) -> dict:
+        return {"data": _memmap_state(self.data), "offsets": _memmap_state(self.offsets)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.data, self.offsets = _memmap_restore(state["data"]), _memmap_restore(state["offsets"])
+
+
+def decode_batch(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A batch as collated by :func:`collate`: a (B, 3, H, W) tensor, or B JPEG byte tensors decoded on ``device``
+    (nvJPEG in one batched call on a GPU) into (B, 3, H, W) uint8; the images must share one size."""
+    if isinstance(images, torch.Tensor):
+        return images
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return torch.stack(decode_jpeg(list(images), mode=ImageReadMode.RGB, device=device))
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor | list, torch.Tensor, ...]:
+    """Stack a batch of ``(image, observed, index)`` items; JPEG byte items (see
+    :meth:`MultiLabelDataset.with_encoded_items`) stay a list of 1-D tensors for :func:`decode_batch`."""
+    images, observed, index = zip(*batch)
+    if images[0].ndim == 1:
+        return list(images), torch.stack(observed), torch.as_tensor(index)
+    return torch.utils.data.default_collate(batch)
+
+
 class MultiLabelDataset(torch.utils.data.Dataset):
     """Images with full labels and observed (possibly incomplete) labels.
 
@@ -152,8 +229,9 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         classes: C class names, unique, in column order.
         labels: (N, C) full labels, entries 0/1 (any numeric or bool dtype; stored as uint8).
         image_paths: N image files in row order. May be None when ``images`` is given.
-        images: Optional (N, H, W, 3) uint8 array (in memory or ``np.memmap``). Used instead of decoding
-            ``image_paths`` when given; it is never copied, also not by :meth:`subset`.
+        images: Optional (N, H, W, 3) uint8 array (in memory or ``np.memmap``), or an :class:`EncodedImages`
+            JPEG store. Used instead of decoding ``image_paths`` when given; it is never copied, also not by
+            :meth:`subset`.
         observed: (N, C) observed labels, entries 0/1. Defaults to a copy of ``labels``.
         transform: Callable mapping a uint8 (3, H, W) tensor to a tensor (torchvision.transforms.v2 style).
         name: Free-form dataset name for logs and reprs.
@@ -168,7 +246,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         classes: Sequence[str],
         labels: np.ndarray,
         image_paths: Sequence[PathLike] | None = None,
-        images: np.ndarray | None = None,
+        images: np.ndarray | EncodedImages | None = None,
         observed: np.ndarray | None = None,
         transform: Transform | None = None,
         name: str = "",
@@ -202,7 +280,12 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         self._images: np.ndarray | None = None
         # Rows of `_images` backing this dataset's rows; None means row i is `_images[i]`.
         self._rows: np.ndarray | None = None
-        if images is not None:
+        self.encoded_items = False  # __getitem__ hands over JPEG bytes (see with_encoded_items)
+        if isinstance(images, EncodedImages):
+            if len(images) != n:
+                raise ValueError(f"encoded images has {len(images)} rows but labels has {n} rows")
+            self._images = images
+        elif images is not None:
             if not isinstance(images, np.ndarray):
                 raise ValueError(f"images must be a numpy array (or np.memmap), got {type(images).__name__}")
             if images.ndim != 4 or images.shape[3] != 3:
@@ -236,14 +319,32 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         For a :meth:`subset` of a memory-mapped array this gathers the rows into memory; iterate with
         :meth:`read_image` to avoid that.
         """
-        if self._images is None or self._rows is None:
+        if self._images is None or isinstance(self._images, EncodedImages):
+            return None
+        if self._rows is None:
             return self._images
         return self._images[self._rows]
 
     @property
     def has_image_array(self) -> bool:
-        """Whether images come from an array (in memory or a packed cache) rather than decoded files."""
+        """Whether images come from an array or encoded store (in memory or a packed cache) rather than files."""
         return self._images is not None
+
+    @property
+    def has_encoded_images(self) -> bool:
+        """Whether images come from a JPEG store (:class:`EncodedImages`)."""
+        return isinstance(self._images, EncodedImages)
+
+    def with_encoded_items(self) -> MultiLabelDataset:
+        """A new dataset whose items carry their JPEG bytes (1-D uint8) instead of the decoded image, for decoding
+        a whole batch on the device (:func:`decode_batch`). Needs a JPEG store and no transform."""
+        if not self.has_encoded_images:
+            raise ValueError(f"dataset {self.name!r} has no JPEG store to hand over; build a jpeg packed cache")
+        if self.transform is not None:
+            raise ValueError(f"dataset {self.name!r} has a transform, which needs decoded images")
+        new = copy.copy(self)
+        new.encoded_items = True
+        return new
 
     def read_image(self, index: int) -> torch.Tensor:
         """Row ``index``'s image before the transform.
@@ -252,6 +353,8 @@ class MultiLabelDataset(torch.utils.data.Dataset):
             (3, H, W) uint8 tensor.
         """
         i = self._check_index(index)
+        if isinstance(self._images, EncodedImages):
+            return self._images.decode(i if self._rows is None else int(self._rows[i]))
         if self._images is not None:
             row = i if self._rows is None else int(self._rows[i])
             # np.array copies out of a (read-only) memmap so the tensor owns writable memory.
@@ -268,6 +371,10 @@ class MultiLabelDataset(torch.utils.data.Dataset):
             index: the non-negative row index.
         """
         i = self._check_index(index)
+        if self.encoded_items:
+            assert isinstance(self._images, EncodedImages)  # guaranteed by with_encoded_items
+            row = i if self._rows is None else int(self._rows[i])
+            return self._images.encoded(row), torch.from_numpy(self.observed[i].astype(np.float32)), i
         image = self.read_image(i)
         if self.transform is not None:
             image = self.transform(image)
@@ -324,21 +431,18 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         # A file-backed memmap travels as its location, so DataLoader workers started with "spawn"
         # (macOS, Windows) reopen the file instead of receiving a pickled copy of every image.
         state = self.__dict__.copy()
-        images = self._images
-        if isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap) and images.filename:
-            state["_images"] = _MemmapLocation(images.filename, images.dtype.str, images.shape, images.offset)
+        if isinstance(self._images, np.ndarray):
+            state["_images"] = _memmap_state(self._images)
         return state
 
     def __setstate__(self, state: dict) -> None:
-        location = state["_images"]
-        if isinstance(location, _MemmapLocation):
-            state["_images"] = np.memmap(
-                location.filename, dtype=location.dtype, mode="r", shape=location.shape, offset=location.offset
-            )
+        state["_images"] = _memmap_restore(state["_images"])
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        source = "images array" if self._images is not None else "image files"
+        source = (
+            "JPEG store" if self.has_encoded_images else "images array" if self._images is not None else "image files"
+        )
         n_pos, n_obs = int(self.labels.sum()), int(self.observed.sum())
         return (
             f"MultiLabelDataset(name={self.name!r}, images={len(self)}, classes={self.num_classes}, "

@@ -92,9 +92,16 @@ def _packed(config: TrainConfig, dataset: MultiLabelDataset, split: str) -> Mult
     """
     data = config.data
     folder = (Path(data.cache_dir) if data.cache_dir else DATA_DIR / "cache") / data.dataset
+    name = f"{Path(split).stem}-{data.image_size}px"
+    name += f"-q{data.cache_quality}.jpegs" if data.cache_format == "jpeg" else ".npy"
     with dist_utils.rank_zero_first():
         cache = build_packed_cache(
-            dataset, data.image_size, folder / f"{Path(split).stem}-{data.image_size}px.npy", progress=config.progress
+            dataset,
+            data.image_size,
+            folder / name,
+            fmt=data.cache_format,
+            quality=data.cache_quality,
+            progress=config.progress,
         )
     return cache.dataset(dataset)
 
@@ -125,13 +132,19 @@ def build_splits(config: TrainConfig) -> Splits:
         val = val.with_observed(val.labels)
     size = data.image_size
     augment = data.augment == "authors"
-    return Splits(
+    splits = Splits(
         train=train.with_transform(
             train_transform(size, randaugment=True, cutout=True, to_float=False) if augment else _plain(train, size)
         ),
         val=val.with_transform(_plain(val, size)),
         test=test.with_transform(_plain(test, size)),
     )
+    if data.decode == "device":  # JPEG bytes to the device, decoded there a batch at a time (decode_batch)
+        for name in ("train", "val", "test"):
+            part = getattr(splits, name)
+            if part.has_encoded_images and part.transform is None:
+                setattr(splits, name, part.with_encoded_items())
+    return splits
 
 
 def _plain(dataset: MultiLabelDataset, size: int):
