@@ -59,3 +59,13 @@ def test_coco_frequencies_are_read_from_instances_json(tmp_path):
     path.write_text(json.dumps({"images": [], "categories": [], "annotations": []}))
     with pytest.raises(ValueError, match="instances.json: no images or no categories"):
         coco_frequencies(path)
+
+
+def test_bench_loading_tiny_prints_the_cache_and_pipeline_tables():
+    command = [sys.executable, "-W", "ignore::DeprecationWarning", "benchmarks/bench_loading.py", "--tiny"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\| jpeg q90 \| [\d.]+ kB \| [\d.]+ GiB \| \d+ \|$", result.stdout, flags=re.M)
+    pipelines = ["files (PIL + resize)", "raw cache", "jpeg cache, decode in workers", "jpeg cache, decode on cpu"]
+    for pipeline in pipelines:
+        assert re.search(rf"^\| {re.escape(pipeline)} \| 0 \| \d+ \| [\d.]+x \|$", result.stdout, flags=re.M), pipeline
