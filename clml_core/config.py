@@ -75,6 +75,7 @@ class CLMLConfig:
     global_weight: float = 1.0
     correction: bool = True  # label correction for the CLML groups
     tau: float = 0.6
+    quantile: float = 0.0  # 0: tau alone; else also above this per-class quantile of the batch's unobserved scores
     correction_start_epoch: int = 1  # 0-based epoch from which correction is on
     correct_base: bool = False  # corrected labels also feed the base loss (the authors: no)
     authors_release: bool = False  # the authors' implementation: backward ignores the incoming gradient
@@ -103,7 +104,8 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0 = torch's default)
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
     log_every: int = 50  # read the logged loss terms from the device every N steps (a host synchronisation)
-    save_embeddings: bool = True  # test-set embeddings of the selected model, for the embeddings notebook
+    save_embeddings: bool = True  # test-set embeddings of the selected model and training-set scores, for notebooks
+    tensorboard: bool = False  # also log step and epoch scalars to out/tensorboard (needs the tensorboard extra)
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -385,6 +387,8 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
         fail("model.proj_dim", f"must be None or >= 1, got {model.proj_dim}")
     if not 0.0 < clml.tau < 1.0:
         fail("clml.tau", f"must be in (0, 1), got {clml.tau}")
+    if not 0.0 <= clml.quantile < 1.0:
+        fail("clml.quantile", f"must be in [0, 1) (0: off), got {clml.quantile}")
     if not optim.lr > 0:
         fail("optim.lr", f"must be > 0, got {optim.lr}")
     if not 0 <= optim.stop_epoch <= optim.epochs:

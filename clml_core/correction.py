@@ -5,6 +5,12 @@ counts an unobserved label as positive once the model is confident: ``sigmoid(lo
 always stay positive. :func:`correct_labels` is pure: the training loop decides from which epoch it is used and
 which losses see the corrected labels.
 
+A fixed ``tau`` assumes calibrated scores. A loss that shifts scores up (ASL's shifted negatives) pushes most
+unobserved entries over it. The ``quantile`` option of :func:`correct_labels` makes the rule rank-based per class:
+an unobserved entry must also exceed the ``quantile`` of its class's unobserved scores in the batch
+(:func:`class_quantile_thresholds`), so at most about ``1 - quantile`` of a class's unobserved entries are recovered
+in a batch, whatever the scale of the scores.
+
 :func:`correction_quality` measures the correction against the full (clean) labels, counting only entries that
 were unobserved: ``missing = full & ~observed`` and ``recovered = corrected & ~observed``. Precision is the share
 of recovered labels that were truly missing positives, recall the share of missing positives that were recovered.
@@ -29,16 +35,37 @@ def _check_binary(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be in {{0, 1}}, got values {torch.unique(x)[:10].tolist()}")
 
 
-def correct_labels(observed: Tensor, logits: Tensor, tau: float, *, check_values: bool = True) -> Tensor:
+def class_quantile_thresholds(observed: Tensor, probs: Tensor, quantile: float) -> Tensor:
+    """Per class, the ``quantile`` of the scores of its unobserved entries in the batch.
+
+    Args:
+        observed: (B, C) observed labels in {0, 1}.
+        probs: (B, C) scores (sigmoid probabilities), float32 or wider.
+        quantile: in (0, 1); linear interpolation between order statistics (NumPy's default).
+
+    Returns:
+        (C,) thresholds; +inf for a class with no unobserved entry in the batch (nothing to recover).
+    """
+    unobserved = probs.masked_fill(observed.bool(), float("nan"))  # (B, C) NaN where observed
+    thresholds = torch.nanquantile(unobserved, quantile, dim=0)  # (C,) NaN where a column is all observed
+    return thresholds.nan_to_num(nan=math.inf)
+
+
+def correct_labels(
+    observed: Tensor, logits: Tensor, tau: float, *, quantile: float | None = None, check_values: bool = True
+) -> Tensor:
     """Observed labels with confident unobserved labels switched to positive.
 
     ``corrected = observed | (sigmoid(logits) > tau)``, computed on detached logits in float32 or wider, so no
-    gradient flows through the correction.
+    gradient flows through the correction. With ``quantile``, an unobserved entry of class k must also exceed
+    the class threshold ``t_k`` of :func:`class_quantile_thresholds`: ``sigmoid(logits) > max(tau, t_k)``.
 
     Args:
         observed: (B, C) observed labels in {0, 1}; bool, integer or floating point.
         logits: (B, C) floating-point logits.
         tau: confidence threshold in (0, 1); Zhang et al. (SPLC) use 0.6.
+        quantile: None for the fixed threshold alone, else a per-class quantile in (0, 1) of the batch's
+            unobserved scores that an entry must exceed as well.
         check_values: check that observed is in {0, 1} and logits hold no NaN. This reads tensor values (one
             device synchronisation on an accelerator); a caller that has already checked them passes False.
 
@@ -46,8 +73,8 @@ def correct_labels(observed: Tensor, logits: Tensor, tau: float, *, check_values
         (B, C) corrected labels, same dtype and device as ``observed``.
 
     Raises:
-        ValueError: on shapes that are not the same 2-D shape, non-floating logits, tau outside (0, 1),
-            observed outside {0, 1} or NaN logits.
+        ValueError: on shapes that are not the same 2-D shape, non-floating logits, tau or quantile outside
+            (0, 1), observed outside {0, 1} or NaN logits.
 
     Example:
         >>> correct_labels(torch.tensor([[1, 0, 0]]), torch.tensor([[-5.0, 0.0, 3.0]]), tau=0.6)
@@ -64,12 +91,19 @@ def correct_labels(observed: Tensor, logits: Tensor, tau: float, *, check_values
         raise ValueError(f"correct_labels: logits must be floating point, got {logits.dtype}")
     if isinstance(tau, bool) or not (isinstance(tau, numbers.Real) and 0.0 < tau < 1.0):
         raise ValueError(f"correct_labels: tau must be a number in (0, 1), got {tau!r}")
+    if quantile is not None and (
+        isinstance(quantile, bool) or not (isinstance(quantile, numbers.Real) and 0.0 < quantile < 1.0)
+    ):
+        raise ValueError(f"correct_labels: quantile must be None or a number in (0, 1), got {quantile!r}")
     if check_values:
         _check_binary(observed, "correct_labels: observed")
         if bool(torch.isnan(logits).any()):
             raise ValueError("correct_labels: logits contain NaN")
     probs = torch.sigmoid(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)))
-    return (observed.bool() | (probs > tau)).to(observed.dtype)
+    confident = probs > tau
+    if quantile is not None:
+        confident &= probs > class_quantile_thresholds(observed, probs, quantile)
+    return (observed.bool() | confident).to(observed.dtype)
 
 
 @dataclass(frozen=True)
@@ -166,3 +200,42 @@ def correction_quality(observed: ArrayLike, corrected: ArrayLike, full: ArrayLik
         n_recovered=int(recovered.sum()),
         n_true_recovered=int((missing & recovered).sum()),
     )
+
+
+def score_reliability(scores: ArrayLike, observed: ArrayLike, full: ArrayLike, bins: int = 10) -> dict[str, np.ndarray]:
+    """How the scores of unobserved entries separate missing positives from true negatives, in equal-width bins.
+
+    Correction can only act on unobserved entries; among them, the missing positives (``full & ~observed``) are what
+    it should recover and the rest are true negatives. A calibrated score puts a bin's share of missing positives
+    near the bin's score.
+
+    Args:
+        scores: (N, C) sigmoid scores in [0, 1], e.g. of the training images at the end of training.
+        observed: (N, C) observed labels in {0, 1}, a subset of ``full``.
+        full: (N, C) full labels in {0, 1}.
+        bins: equal-width bins on [0, 1]; the last bin includes 1.
+
+    Returns:
+        ``low``, ``high`` (bins,) bin edges, ``missing`` and ``negative`` (bins,) counts of unobserved entries whose
+        score falls in the bin, and ``share`` (bins,) = missing / (missing + negative), NaN for an empty bin.
+    """
+    obs, ful = _as_bool(observed, "observed"), _as_bool(full, "full")
+    s = scores.detach().cpu().double().numpy() if isinstance(scores, Tensor) else np.asarray(scores, np.float64)
+    if not s.shape == obs.shape == ful.shape:
+        raise ValueError(f"score_reliability: scores {s.shape}, observed {obs.shape}, full {ful.shape} must match")
+    if not (np.isfinite(s).all() and (s >= 0).all() and (s <= 1).all()):
+        raise ValueError("score_reliability: scores must be probabilities in [0, 1]")
+    if (obs & ~ful).any():
+        raise ValueError("score_reliability: observed positives must be positive in full (argument order?)")
+    if bins < 1:
+        raise ValueError(f"score_reliability: bins must be >= 1, got {bins}")
+    unobserved = ~obs
+    which = np.minimum((s[unobserved] * bins).astype(np.int64), bins - 1)  # bin of every unobserved entry
+    positive = ful[unobserved]
+    missing = np.bincount(which[positive], minlength=bins)
+    negative = np.bincount(which[~positive], minlength=bins)
+    total = missing + negative
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, missing / total, np.nan)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return {"low": edges[:-1], "high": edges[1:], "missing": missing, "negative": negative, "share": share}

@@ -396,6 +396,7 @@ class Trainer:
         # SIGTERM / SIGINT: the first sets stop_signal; while training, the run stops after the current step.
         self.stop_signal: int | None = None
         self.stage = "setup"  # setup | training | testing
+        self.writer: Any = None  # a TensorBoard SummaryWriter while fit runs with config.tensorboard
 
     # ---- checkpoints
 
@@ -458,7 +459,11 @@ class Trainer:
         with autocast(config, device):
             out = self.net(images)
             logits = out.logits.detach().float()
-            corrected = correct_labels(observed, logits, clml.tau, check_values=False) if correcting else observed
+            corrected = (
+                correct_labels(observed, logits, clml.tau, quantile=clml.quantile or None, check_values=False)
+                if correcting
+                else observed
+            )
             base_targets = corrected if correcting and clml.correct_base else observed
             loss_kwargs: dict[str, Any] = {"correction_active": self.epoch >= config.loss.splc_start_epoch}
             if config.loss.base == "ll-r":
@@ -543,6 +548,11 @@ class Trainer:
         sums.global_ += terms[4] / world
         if any(correction):
             sums.correction = sums.correction + CorrectionQuality(*(int(c) for c in correction))
+        if self.writer is not None:  # the means over the steps since the last read, at the last of them
+            step = self.epoch * self.steps_per_epoch + self.step - 1
+            for name, total in zip(("loss", "base", "clml", "local", "global"), terms):
+                self.writer.add_scalar(f"step/{name}", total / world / pending.steps, step)
+            self.writer.add_scalar("step/lr", self.scheduler.get_last_lr()[0], step)
         self.pending = _Pending(self.device)
 
     # ---- epochs
@@ -578,13 +588,30 @@ class Trainer:
         self.rows.append(row)
         if self.main:
             write_metrics_csv(self.out / "metrics.csv", self.rows)
+        if self.writer is not None:
+            last_step = (self.epoch + 1) * self.steps_per_epoch - 1  # the epoch's last step: the x of its scalars
+            for name, value in row.items():
+                if name != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"epoch/{name}", value, last_step)
+            self.writer.flush()
 
     def fit(self, max_steps: int | None = None) -> bool:
         """Train until the last epoch (True) or until ``max_steps`` steps were taken in this call (False)."""
         config = self.config
         last_epoch = config.optim.stop_epoch or config.optim.epochs
-        taken = 0
         self.model.train()
+        if config.tensorboard and self.main:
+            self.writer = _summary_writer(self.out / "tensorboard", self.epoch * self.steps_per_epoch + self.step)
+        try:
+            return self._fit_epochs(last_epoch, max_steps)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+
+    def _fit_epochs(self, last_epoch: int, max_steps: int | None) -> bool:
+        config = self.config
+        taken = 0
         while self.epoch < last_epoch:
             started = time.perf_counter()
             sampler = self.loader.batch_sampler
@@ -703,8 +730,32 @@ class Trainer:
                 classes=np.array(test.classes),
             )
             atomic_write_bytes(self.out / "test_embeddings.npz", buffer.getvalue())
+            # The last epoch's model on its own training images: the scores label correction last acted on.
+            train = self.splits.train
+            seen = predict(self.model, train, self.config, self.device)
+            buffer = io.BytesIO()
+            np.savez_compressed(
+                buffer,
+                scores=seen["scores"],
+                observed=seen["observed"],
+                labels=train.labels,
+                classes=np.array(train.classes),
+            )
+            atomic_write_bytes(self.out / "train_scores.npz", buffer.getvalue())
         atomic_write_json(self.out / "results.json", results)
         return results
+
+
+def _summary_writer(log_dir: Path, purge_step: int) -> Any:
+    """A TensorBoard writer that drops events logged after ``purge_step`` by an interrupted earlier attempt."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:  # torch imports tensorboard lazily here
+        raise ImportError(
+            "config field 'tensorboard' is true but the tensorboard package is not installed; "
+            "pip install -e '.[tensorboard]' (or pip install tensorboard)"
+        ) from error
+    return SummaryWriter(str(log_dir), purge_step=purge_step or None)
 
 
 def _holds_run(out: Path) -> bool:

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from clml_core.paths import PROJ_ROOT
@@ -162,6 +163,49 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def _cpu_model() -> str:
+    """The CPU model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine and library builds that decide floating-point results: CPU model and count, torch's build
+    configuration (BLAS, LAPACK, oneDNN/MKL-DNN, compiler flags), its parallel settings and the GPU, if any.
+
+    Runs are bit-identical on one machine; across machines these are what to compare.
+    """
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA torch dispatches to
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_config": torch.__config__.show(),
+        "torch_parallel": torch.__config__.parallel_info(),
+        "mkldnn_available": torch.backends.mkldnn.is_available(),
+        "mkl_available": torch.backends.mkl.is_available(),
+        "numpy_config": _numpy_config(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": package_versions(),
+    }
+
+
+def _numpy_config() -> Any:
+    """NumPy's build information (its BLAS/LAPACK), as a mapping where NumPy offers one."""
+    try:
+        return np.show_config(mode="dicts")  # NumPy >= 1.25
+    except TypeError:
+        return None
 
 
 def run_info(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

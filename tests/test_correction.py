@@ -147,3 +147,95 @@ def test_correction_quality_bad_input() -> None:
         correction_quality(full, full, [[1, 0]])  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         CorrectionQuality() + 1  # type: ignore[operator]
+
+
+# ------------------------------------------------------------------------------ per-class quantile rule
+
+
+def _quantile_reference(observed: torch.Tensor, logits: torch.Tensor, tau: float, q: float) -> list[list[int]]:
+    """Float64 loop: per class, the q-quantile (NumPy's linear rule) of the unobserved entries' scores."""
+    obs, x = observed.numpy(), logits.double().numpy()
+    probs = 1.0 / (1.0 + np.exp(-x))
+    out = obs.astype(int).copy()
+    for c in range(obs.shape[1]):
+        unobserved = [probs[i, c] for i in range(obs.shape[0]) if obs[i, c] == 0]
+        if not unobserved:
+            continue
+        threshold = max(tau, float(np.quantile(unobserved, q)))
+        for i in range(obs.shape[0]):
+            if obs[i, c] == 0 and probs[i, c] > threshold:
+                out[i, c] = 1
+    return out.tolist()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_correct_labels_quantile_matches_slow_reference(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    observed = (torch.rand(16, 9, generator=gen) < 0.3).long()
+    observed[:, 0] = 1  # a class with no unobserved entry: nothing to recover
+    logits = 3 * torch.randn(16, 9, generator=gen, dtype=torch.float64)
+    tau = float(torch.empty(()).uniform_(0.05, 0.6, generator=gen))
+    q = float(torch.empty(()).uniform_(0.5, 0.95, generator=gen))
+    got = correct_labels(observed, logits, tau, quantile=q)
+    assert got.tolist() == _quantile_reference(observed, logits, tau, q)
+
+
+def test_quantile_rule_bounds_recovery_when_scores_are_uncalibrated() -> None:
+    # Every score is high (as with ASL): tau alone recovers everything, the quantile rule the top share per class.
+    gen = torch.Generator().manual_seed(0)
+    observed = torch.zeros(100, 3, dtype=torch.long)
+    logits = 3.0 + torch.rand(100, 3, generator=gen)  # sigmoid > 0.95 everywhere
+    assert int(correct_labels(observed, logits, 0.6).sum()) == 300
+    recovered = correct_labels(observed, logits, 0.6, quantile=0.9).sum(dim=0)
+    assert recovered.tolist() == [10, 10, 10]  # distinct scores: 10 of 100 lie above the 0.9 quantile
+
+
+def test_class_quantile_thresholds_all_observed_class_is_inf() -> None:
+    from clml_core.correction import class_quantile_thresholds
+
+    observed = torch.tensor([[1, 0], [1, 1], [1, 0]])
+    probs = torch.tensor([[0.9, 0.2], [0.8, 0.9], [0.7, 0.6]])
+    thresholds = class_quantile_thresholds(observed, probs, 0.5)
+    assert thresholds[0] == math.inf and torch.isclose(thresholds[1], torch.tensor(0.4))
+
+
+@pytest.mark.parametrize("quantile", [0.0, 1.0, -0.1, True])
+def test_correct_labels_rejects_bad_quantile(quantile: object) -> None:
+    with pytest.raises(ValueError, match="quantile"):
+        correct_labels(torch.zeros(2, 2), torch.zeros(2, 2), 0.6, quantile=quantile)
+
+
+# --------------------------------------------------------------------------------- score reliability
+
+
+def test_score_reliability_matches_loop_and_hand_example() -> None:
+    from clml_core.correction import score_reliability
+
+    scores = np.array([[0.05, 0.95, 0.5], [1.0, 0.12, 0.55]])
+    observed = np.array([[0, 1, 0], [0, 0, 0]])
+    full = np.array([[0, 1, 1], [1, 0, 0]])
+    bins = score_reliability(scores, observed, full, bins=4)
+    # unobserved: 0.05 neg, 0.5 missing, 1.0 missing (last bin includes 1), 0.12 neg, 0.55 neg
+    assert bins["missing"].tolist() == [0, 0, 1, 1] and bins["negative"].tolist() == [2, 0, 1, 0]
+    assert np.allclose(bins["low"], [0, 0.25, 0.5, 0.75]) and np.allclose(bins["high"], [0.25, 0.5, 0.75, 1.0])
+    assert bins["share"][0] == 0 and np.isnan(bins["share"][1]) and bins["share"][2] == 0.5
+
+    rng = np.random.default_rng(0)
+    full = (rng.random((50, 6)) < 0.3).astype(int)
+    observed = full * (rng.random((50, 6)) < 0.5)
+    scores = rng.random((50, 6))
+    got = score_reliability(scores, observed, full, bins=10)
+    missing, negative = np.zeros(10, int), np.zeros(10, int)
+    for i in range(50):
+        for c in range(6):
+            if not observed[i, c]:
+                b = min(int(scores[i, c] * 10), 9)
+                if full[i, c]:
+                    missing[b] += 1
+                else:
+                    negative[b] += 1
+    assert got["missing"].tolist() == missing.tolist() and got["negative"].tolist() == negative.tolist()
+    with pytest.raises(ValueError, match="probabilities"):
+        score_reliability(scores + 1, observed, full)
+    with pytest.raises(ValueError, match="subset|positive in full"):
+        score_reliability(scores, full, observed * 0)

@@ -56,8 +56,13 @@ def test_run_folder_holds_everything(finished_run):
         "checkpoints/last.pt",
         "checkpoints/best.pt",
         "test_embeddings.npz",
+        "train_scores.npz",
     ):
         assert (run / name).is_file(), name
+    with np.load(run / "train_scores.npz") as seen:
+        assert seen["scores"].shape == seen["observed"].shape == seen["labels"].shape == (192, 20)
+        assert ((seen["scores"] >= 0) & (seen["scores"] <= 1)).all()
+        assert (seen["observed"] <= seen["labels"]).all() and seen["observed"].sum() < seen["labels"].sum()
     saved = json.loads((run / "results.json").read_text())
     assert {"test_map", "best_val_map", "best_epoch"} <= set(saved)
     assert saved["test_map"] == pytest.approx(results["test_map"])
@@ -221,6 +226,39 @@ def test_correction_can_feed_the_base_loss_without_a_clml_term(tmp_path):
     metrics = pd.read_csv(tmp_path / "f" / "metrics.csv")
     assert pd.isna(metrics.loc[0, "corr_recall"]) and pd.notna(metrics.loc[1, "corr_recall"])
     assert (metrics["train_clml"] == 0).all()
+
+
+def test_tensorboard_logs_every_step_and_epoch_beside_metrics_csv(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    train(_config(tensorboard=True, clml={"quantile": 0.9}), run)
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    steps_per_epoch = 192 // 32
+    for tag in ("step/loss", "step/base", "step/clml", "step/local", "step/global", "step/lr"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(2 * steps_per_epoch)), tag
+    metrics = pd.read_csv(run / "metrics.csv")
+    logged = events.Scalars("epoch/val_map")
+    assert [e.step for e in logged] == [steps_per_epoch - 1, 2 * steps_per_epoch - 1]
+    assert np.allclose([e.value for e in logged], metrics["val_map"], rtol=1e-6)
+    assert np.allclose([e.value for e in events.Scalars("epoch/train_loss")], metrics["train_loss"], rtol=1e-6)
+    assert [e.step for e in events.Scalars("epoch/corr_recall")] == [2 * steps_per_epoch - 1]  # NaN at epoch 0
+
+
+def test_tensorboard_off_writes_no_event_files(finished_run):
+    run, _ = finished_run
+    assert not (run / "tensorboard").exists()
+
+
+def test_quantile_correction_recovers_fewer_labels_than_tau_alone(tmp_path):
+    config = {"enabled": False, "correct_base": True, "tau": 0.05}  # tau low: almost every entry passes it alone
+    train(_config(clml=config), tmp_path / "tau")
+    train(_config(clml={**config, "quantile": 0.9}), tmp_path / "quantile")
+    tau, quantile = (pd.read_csv(tmp_path / name / "metrics.csv").loc[1] for name in ("tau", "quantile"))
+    assert 0 < quantile["corr_recovered"] < tau["corr_recovered"]
+    # Above the 0.9 quantile of u entries lie at most ceil(0.1 (u - 1)) < 0.1 u + 1 of them, per class and batch.
+    assert quantile["corr_recovered"] <= 0.1 * 192 * 20 + 20 * (192 // 32)
 
 
 def test_a_coco_layout_trains_through_the_packed_cache(tmp_path, write_image):
