@@ -132,27 +132,55 @@ def main_grid(
     return specs
 
 
+#: Label-correction settings of the ablation: config overrides of ``clml`` and the variant-name suffix.
+CORRECTIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "none": ({"correction": False}, ""),
+    "fixed tau": ({"correction": True}, " + correction"),
+    "class quantile": ({"correction": True, "quantile": 0.9}, " + quantile correction"),
+}
+
+
 def ablation_grid(
     preset: str, loss: str, protocol: str, seeds: Sequence[int], overrides: dict[str, Any] | None = None
 ) -> list[RunSpec]:
-    """Base loss alone, + local, + global, + both, each with and without label correction, and the authors' CLML."""
+    """Base loss alone, + local, + global, + both, without and with label correction, and the authors' CLML.
+
+    Correction is the fixed-tau rule, and for the base loss and CLML also the per-class quantile rule
+    (:data:`CORRECTIONS`). The global term does not read labels, so it runs without correction only.
+    """
     specs = []
     common = _merge(overrides or {}, {"data": PROTOCOLS[protocol], "loss": {"base": loss}})
+    corrections = {
+        "base": list(CORRECTIONS),
+        "+ local": ["none", "fixed tau"],
+        "+ global": ["none"],
+        "+ both (CLML)": list(CORRECTIONS),
+    }
     for name, (local, global_) in ABLATION_TERMS.items():
-        for correction in (False, True):
-            clml = {"enabled": True, "local_weight": local, "global_weight": global_, "correction": correction}
+        for correction in corrections[name]:
+            settings, suffix = CORRECTIONS[correction]
+            clml = {"enabled": True, "local_weight": local, "global_weight": global_, **settings}
             if name == "base":
                 # Correction without a CLML term feeds the base loss: the correction's own effect.
-                clml = {"enabled": False, "correction": correction, "correct_base": correction}
-            variant = f"{name}{' + correction' if correction else ''}"
+                clml = {"enabled": False, **settings, "correct_base": settings["correction"]}
             labels = {"terms": name, "correction": correction}
-            specs += [
-                RunSpec("ablation", variant, seed, preset, _merge(common, {"clml": clml}), labels) for seed in seeds
-            ]
+            run = _merge(common, {"clml": clml})
+            specs += [RunSpec("ablation", f"{name}{suffix}", seed, preset, run, labels) for seed in seeds]
     released = _merge(common, {"clml": {"enabled": True, "authors_release": True}, "optim": {"loss_scale": 65536.0}})
-    labels = {"terms": "authors' release (AMP-scaled)", "correction": True}
+    labels = {"terms": "authors' release (AMP-scaled)", "correction": "fixed tau"}
     specs += [RunSpec("ablation", "authors release", seed, preset, released, labels) for seed in seeds]
     return specs
+
+
+def reference_grid(
+    preset: str, loss: str, seeds: Sequence[int], overrides: dict[str, Any] | None = None
+) -> list[RunSpec]:
+    """The base loss trained on the full labels: the ceiling the missing-label protocols are measured against."""
+    run = _merge(
+        overrides or {}, {"data": PROTOCOLS["full labels"], "loss": {"base": loss}, "clml": {"enabled": False}}
+    )
+    labels = {"protocol": "full labels", "loss": loss, "clml": False}
+    return [RunSpec("reference", f"{loss} full labels", seed, preset, run, labels) for seed in seeds]
 
 
 def sensitivity_grid(
@@ -265,26 +293,34 @@ def collect(root: str | Path, specs: Iterable[RunSpec] | None = None) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def mean_std(frame: pd.DataFrame, by: Sequence[str], value: str = "test_map") -> pd.DataFrame:
-    """Mean, standard deviation (ddof=1) and count of ``value`` per group."""
-    grouped = frame.groupby(list(by), sort=False)[value]
-    return grouped.agg(
-        mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), n="count"
-    ).reset_index()
+def collect_per_class(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of ``runs`` (a :func:`collect` frame) and class: the run's columns, ``class`` and ``ap``
+    (test AP in percent, from ``results.json``; NaN for a class without a test positive)."""
+    rows = []
+    for run in runs.to_dict("records"):
+        results = json.loads((Path(run["folder"]) / "results.json").read_text())
+        rows += [{**run, "class": name, "ap": ap} for name, ap in results["test_ap_per_class"].items()]
+    return pd.DataFrame(rows)
 
 
-def main_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """The main comparison: per protocol and base loss, mean ± std without and with CLML, the difference, and
-    whether it exceeds the seed spread (|diff| > std without + std with)."""
-    stats = mean_std(frame, ["protocol", "loss", "clml"])
-    base = stats[~stats["clml"]].drop(columns="clml").set_index(["protocol", "loss"])
-    clml = stats[stats["clml"]].drop(columns="clml").set_index(["protocol", "loss"])
-    table = base.merge(clml, left_index=True, right_index=True, suffixes=("_base", "_clml"))
-    table["diff"] = table["mean_clml"] - table["mean_base"]
-    # NaN std (a single seed) compares False: no claim beyond the spread without a spread.
-    table["beyond_spread"] = table["diff"].abs() > (table["std_base"] + table["std_clml"])
-    return table.reset_index()
+def collect_reliability(runs: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
+    """Per run of ``runs`` (a :func:`collect` frame) and score bin: :func:`clml_core.correction.score_reliability`
+    of the unobserved training entries, from the run's ``train_scores.npz`` (the last epoch's model), with the
+    run's columns."""
+    from clml_core.correction import score_reliability
+
+    frames = []
+    for run in runs.to_dict("records"):
+        with np.load(Path(run["folder"]) / "train_scores.npz") as saved:
+            counts = score_reliability(saved["scores"], saved["observed"], saved["labels"], bins)
+        frames.append(pd.DataFrame(counts).assign(**run))
+    return pd.concat(frames, ignore_index=True)
 
 
-def format_pm(mean: float, std: float) -> str:
-    return f"{mean:.2f} ± {std:.2f}" if np.isfinite(std) else f"{mean:.2f}"
+def collect_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every epoch row of the ``metrics.csv`` of each run of ``runs`` (a :func:`collect` frame), with the run's
+    label columns (``epoch`` 0-based, as logged)."""
+    keep = [c for c in runs.columns if c not in ("test_map", "best_val_map", "best_epoch", "corr_precision",
+                                                  "corr_recall", "train_seconds")]  # fmt: skip
+    frames = [pd.read_csv(Path(run["folder"]) / "metrics.csv").assign(**run) for run in runs[keep].to_dict("records")]
+    return pd.concat(frames, ignore_index=True)

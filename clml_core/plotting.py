@@ -1,11 +1,10 @@
-"""How the study's results are shown: plot helpers on a given Axes, one style, and the result tables.
+"""How the study's results are shown: plot helpers on a given Axes and one style.
 
 Every plot helper draws on the matplotlib ``Axes`` it is given (an array of Axes for the image grid) and returns
 it, so notebooks compose figures freely; colours and sizes live in :data:`STYLE` only. :func:`save_figure`
-writes a figure as PNG and PDF, :func:`save_table` a table as CSV (numbers) and Markdown (``mean ± std`` text).
-
-The tables summarise the frames of :func:`clml_core.experiments.collect` (one row per run, ``test_map`` in
-percent) over seeds: mean, standard deviation (ddof=1, undefined for one seed) and the number of seeds.
+writes a figure as PNG and PDF. Helpers draw what they are given: the numbers (summaries over seeds, intervals,
+per-class tables, reliability bins) come from :mod:`clml_core.tables`, :mod:`clml_core.stats`,
+:mod:`clml_core.correction` and :mod:`clml_core.embedding_metrics`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from clml_core.experiments import format_pm, main_table, mean_std
+from clml_core.tables import mean_std
 
 #: Every style constant of the study's figures.
 STYLE: dict[str, Any] = {
@@ -379,37 +378,9 @@ def sensitivity_plot(
 # -------------------------------------------------------------------------------------------------- embeddings
 
 
-def label_set_groups(
-    labels: np.ndarray,
-    classes: Sequence[str],
-    n_groups: int = 5,
-    min_size: int = 5,
-    min_labels: int = 2,
-    other: str = "other",
-) -> np.ndarray:
-    """Name each image by its exact label set if that set is one of the most frequent, else ``other``.
-
-    The chosen sets are the ``n_groups`` most frequent exact label sets with at least ``min_labels`` labels held
-    by at least ``min_size`` images (ties broken by name), as in the paper's t-SNE figure.
-
-    Args:
-        labels: (N, C) 0/1 labels.
-        classes: C class names; a set is named ``"a + b"`` in class order.
-
-    Returns:
-        (N,) object array of group names.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.shape[1] != len(classes):
-        raise ValueError(f"labels must be (N, {len(classes)}), got shape {labels.shape}")
-    names = np.array([" + ".join(c for c, y in zip(classes, row) if y) for row in labels], dtype=object)
-    counts = Counter(names[labels.sum(axis=1) >= min_labels])
-    eligible = [name for name, count in counts.items() if count >= min_size]
-    chosen = sorted(eligible, key=lambda name: (-counts[name], name))[:n_groups]
-    return np.where(np.isin(names, chosen), names, other)
-
-
-def embedding_scatter(ax: Axes, coords: np.ndarray, groups: Sequence[str], other: str = "other") -> Axes:
+def embedding_scatter(
+    ax: Axes, coords: np.ndarray, groups: Sequence[str], other: str = "other", legend: bool = True
+) -> Axes:
     """A 2-D embedding with the points of each group in their own colour and the ``other`` points in grey.
 
     Args:
@@ -427,101 +398,125 @@ def embedding_scatter(ax: Axes, coords: np.ndarray, groups: Sequence[str], other
         ax.scatter(*coords[groups == name].T, s=STYLE["point_size"] * 1.5, color=color, linewidths=0, label=name)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(fontsize="x-small", markerscale=1.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if legend:  # panels of the same groups share colours: one legend serves them all
+        ax.legend(fontsize="x-small", markerscale=1.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return ax
 
 
-# ------------------------------------------------------------------------------------------------------ tables
+# ------------------------------------------------------------------------------------- curves and intervals
 
 
-def seed_summary(runs: pd.DataFrame, by: Sequence[str], value: str = "test_map") -> pd.DataFrame:
-    """Mean and standard deviation over seeds of ``value`` and of the correction's precision and recall.
+def band_curves(
+    ax: Axes,
+    summary: pd.DataFrame,
+    hue: str,
+    *,
+    hue_labels: Mapping[Any, str] | None = None,
+    colors: Mapping[Any, str] | None = None,
+    ylabel: str = "",
+) -> Axes:
+    """One line per ``hue`` value over epochs (1-based) with its interval as a band.
 
-    Returns:
-        One row per group of ``by`` (first-appearance order): the ``by`` columns, ``mAP_mean``, ``mAP_std``,
-        ``corr_precision_mean``, ``corr_recall_mean`` (NaN where the correction never ran) and ``n seeds``.
+    Args:
+        summary: :func:`clml_core.tables.epoch_summary` frame (columns ``hue``, ``epoch`` 0-based, ``mean``,
+            ``low``, ``high``); NaN bounds draw no band.
+        hue_labels: legend text per hue value (default: the value).
+        colors: colour per hue value (default: the palette).
     """
-    stats = mean_std(runs, by, value).rename(columns={"mean": "mAP_mean", "std": "mAP_std", "n": "n seeds"})
-    correction = runs.groupby(list(by), sort=False)[["corr_precision", "corr_recall"]].mean().reset_index()
-    correction = correction.rename(columns=lambda c: c if c in by else f"{c}_mean")
-    table = stats.merge(correction, on=list(by), how="left")
-    return table[[*by, "mAP_mean", "mAP_std", "corr_precision_mean", "corr_recall_mean", "n seeds"]]
+    levels = list(pd.unique(summary[hue]))
+    palette = sns.color_palette(STYLE["palette"], max(len(levels), 1))
+    for k, level in enumerate(levels):
+        part = summary[summary[hue] == level].sort_values("epoch")
+        color = (colors or {}).get(level, palette[k])
+        epochs = part["epoch"].to_numpy() + 1
+        label = (hue_labels or {}).get(level, str(level))
+        ax.plot(epochs, part["mean"], marker="o", color=color, label=label)
+        ax.fill_between(epochs, part["low"], part["high"], color=color, alpha=STYLE["band_alpha"], linewidth=0)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    if levels:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "nothing logged", transform=ax.transAxes, ha="center")
+    return ax
 
 
-def main_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """The main table: per protocol and base loss, test mAP without and with CLML over seeds.
+def per_class_ap(ax: Axes, table: pd.DataFrame) -> Axes:
+    """Per-class test AP without and with CLML (means over seeds) against class frequency, each pair joined.
 
-    ``beyond seed spread`` is whether ``|diff|`` exceeds the sum of the two standard deviations; it is undefined
-    (NA) when either side has fewer than two seeds.
-
-    Returns:
-        Columns ``protocol``, ``loss``, ``without CLML_mean``, ``without CLML_std``, ``with CLML_mean``,
-        ``with CLML_std``, ``diff``, ``beyond seed spread`` and ``n seeds``.
+    Args:
+        table: :func:`clml_core.tables.per_class_table` frame.
     """
-    table = main_table(runs)
-    defined = (table["n_base"] >= 2) & (table["n_clml"] >= 2)
-    n_seeds = [str(a) if a == b else f"{a} / {b}" for a, b in zip(table["n_base"], table["n_clml"])]
-    return pd.DataFrame(
-        {
-            "protocol": table["protocol"],
-            "loss": table["loss"],
-            "without CLML_mean": table["mean_base"],
-            "without CLML_std": table["std_base"],
-            "with CLML_mean": table["mean_clml"],
-            "with CLML_std": table["std_clml"],
-            "diff": table["diff"],
-            "beyond seed spread": table["beyond_spread"].astype("boolean").where(defined, pd.NA),
-            "n seeds": n_seeds,
-        }
-    )
+    x = table["frequency"].to_numpy(float)
+    base, clml = table["AP without CLML_mean"].to_numpy(float), table["AP with CLML_mean"].to_numpy(float)
+    ax.vlines(x, base, clml, color=STYLE["other"], linewidth=1)
+    ax.scatter(x, base, s=STYLE["point_size"] * 2, color=STYLE["without_clml"], label="base loss", zorder=3)
+    ax.scatter(x, clml, s=STYLE["point_size"] * 2, color=STYLE["with_clml"], label="+ CLML", zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("class frequency (training images, full labels)")
+    ax.set_ylabel("test AP (%)")
+    ax.legend(fontsize="small")
+    return ax
 
 
-def format_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Text version of a summary: each ``X_mean``/``X_std`` pair becomes ``X`` as ``mean ± std``.
+def per_class_change(ax: Axes, table: pd.DataFrame) -> Axes:
+    """Per-class AP change from CLML (mean of the per-seed differences) with its interval, against class frequency,
+    each point named by its class.
 
-    A lone ``X_mean`` becomes ``X``; ``diff`` gets a sign; booleans become yes/no; missing values ``n/a``.
+    Args:
+        table: :func:`clml_core.tables.per_class_table` frame; NaN bounds draw no error bar.
     """
-    out = pd.DataFrame(index=table.index)
-    for column in table.columns:
-        if column.endswith("_std"):
-            continue
-        values = table[column]
-        if column.endswith("_mean"):
-            name = column[: -len("_mean")]
-            stds = table.get(f"{name}_std", pd.Series(np.nan, index=table.index))
-            out[name] = [format_pm(m, s) if pd.notna(m) else "n/a" for m, s in zip(values, stds)]
-        elif column == "diff":
-            out[column] = [f"{v:+.2f}" if pd.notna(v) else "n/a" for v in values]
-        elif values.dtype == bool or str(values.dtype) == "boolean":
-            out[column] = ["n/a" if pd.isna(v) else "yes" if v else "no" for v in values]
-        elif pd.api.types.is_float_dtype(values):
-            out[column] = [f"{v:.4g}" if pd.notna(v) else "n/a" for v in values]
-        else:
-            out[column] = ["n/a" if pd.isna(v) else str(v) for v in values]
-    return out
+    x, diff = table["frequency"].to_numpy(float), table["diff"].to_numpy(float)
+    below = np.nan_to_num(diff - table["diff_low"].to_numpy(float))
+    above = np.nan_to_num(table["diff_high"].to_numpy(float) - diff)
+    ax.axhline(0.0, color="k", linewidth=0.8)
+    ax.errorbar(x, diff, yerr=[below, above], fmt="o", capsize=3, color=STYLE["with_clml"])
+    for xi, yi, name in zip(x, diff, table["class"]):
+        ax.annotate(str(name), (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize="x-small")
+    ax.set_xscale("log")
+    ax.set_xlabel("class frequency (training images, full labels)")
+    ax.set_ylabel("AP change from CLML (points)")
+    return ax
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of ``table``'s cells as text (``|`` escaped)."""
+def reliability_share(ax: Axes, bins: pd.DataFrame, tau: float | None = None) -> Axes:
+    """Share of true missing positives among the unobserved entries of each score bin (a reliability diagram):
+    a calibrated score lies on the diagonal.
 
-    def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    header = "| " + " | ".join(cell(c) for c in table.columns) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *rows]) + "\n"
-
-
-def save_table(table: pd.DataFrame, path_stem: str | Path) -> list[Path]:
-    """Write a summary to ``path_stem.csv`` (numbers) and ``path_stem.md`` (:func:`format_summary` text).
-
-    Returns:
-        The two paths written.
+    Args:
+        bins: :func:`clml_core.correction.score_reliability` as a frame (``low``, ``high``, ``share``, ...).
+        tau: the correction threshold, drawn as a vertical line.
     """
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    csv, md = stem.parent / f"{stem.name}.csv", stem.parent / f"{stem.name}.md"
-    table.to_csv(csv, index=False)
-    md.write_text(markdown_table(format_summary(table)))
-    return [csv, md]
+    centre = (bins["low"].to_numpy(float) + bins["high"].to_numpy(float)) / 2
+    ax.plot([0, 1], [0, 1], color=STYLE["other"], linestyle="--", label="calibrated")
+    ax.plot(centre, bins["share"], marker="o", color=STYLE["missing"], label="missing positives")
+    if tau is not None:
+        ax.axvline(tau, color="k", linewidth=0.8, linestyle=":", label=f"τ = {tau:g}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("score of an unobserved entry")
+    ax.set_ylabel("share that are missing positives")
+    ax.legend(fontsize="x-small")
+    return ax
+
+
+def reliability_counts(ax: Axes, bins: pd.DataFrame, tau: float | None = None) -> Axes:
+    """Counts of unobserved entries per score bin: missing positives against true negatives (log scale).
+
+    Args:
+        bins: as :func:`reliability_share`.
+        tau: the correction threshold, drawn as a vertical line.
+    """
+    low, high = bins["low"].to_numpy(float), bins["high"].to_numpy(float)
+    width = (high - low) * 0.45
+    ax.bar(low + width * 0.55, bins["negative"], width=width, color=STYLE["without_clml"], label="true negatives")
+    ax.bar(low + width * 1.55, bins["missing"], width=width, color=STYLE["missing"], label="missing positives")
+    if tau is not None:
+        ax.axvline(tau, color="k", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score of an unobserved entry")
+    ax.set_ylabel("entries")
+    ax.legend(fontsize="x-small")
+    return ax

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from clml_core.paths import FIGURES_DIR, NOTEBOOKS_DIR, RUNS_DIR
-from clml_core.runio import atomic_write_json, git_state
+from clml_core.runio import atomic_write_json, git_state, machine_info
 
 NOTEBOOKS = ("00_data", "01_train", "02_ablation", "03_embeddings", "04_paper_figures")
 
@@ -53,12 +53,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "PRESET": "default",
         "DATASET": "synthetic",
         "SEED": 0,
-        "SEEDS": [0, 1, 2],
+        "SEEDS": [0, 1, 2, 3, 4],
         "LOSSES": _LOSSES,
         "PROTOCOLS": _PROTOCOLS,
         "ABLATION_LOSS": "bce",
         "ABLATION_PROTOCOL": "40% left",
-        "LAMS": [0.1, 0.3, 3.0],
+        "LAMS": [0.01, 0.03, 0.1, 0.3, 3.0, 10.0],  # with the preset's 1.0: log-spaced from 0.01 to 10
         "TAUS": [0.5, 0.7, 0.8],
         "PROCESSES": 2,
         "OVERRIDES": {},
@@ -73,7 +73,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "PROTOCOLS": _PROTOCOLS,
         "ABLATION_LOSS": "hill",
         "ABLATION_PROTOCOL": "40% left",
-        "LAMS": [0.3, 3.0],
+        "LAMS": [0.1, 0.3, 3.0, 10.0],
         "TAUS": [0.7],
         "PROCESSES": 1,
         "OVERRIDES": {},
@@ -160,6 +160,7 @@ def run_study(
         "total_seconds": round(sum(seconds.values()), 1),
         "parameters": params,
         **git_state(),
+        "machine": machine_info(),
     }
     atomic_write_json(run_root / ("study.json" if only is None else f"study_{'_'.join(names)}.json"), record)
     print(f"[study:{profile}] done in {record['total_seconds']:.0f} s: {json.dumps(seconds)}", flush=True)

@@ -4,6 +4,7 @@ runs top to bottom through papermill and writes every figure and table."""
 from __future__ import annotations
 
 import ast
+import json
 import typing
 
 import nbformat
@@ -32,8 +33,19 @@ FIGURES = [
     "ablation",
     "sensitivity",
     "embeddings",
+    "learning_curves",
+    "per_class",
+    "correction_curves",
+    "reliability",
 ]
-TABLES = ["main_table", "ablation_table", "sensitivity_table", "embedding_table"]
+TABLES = [
+    "main_table",
+    "reference_table",
+    "ablation_table",
+    "sensitivity_table",
+    "per_class_table",
+    "embedding_table",
+]
 
 
 def _notebook(name: str) -> nbformat.NotebookNode:
@@ -105,9 +117,24 @@ def test_smoke_study_writes_every_figure_and_table(tmp_path):
     main = (figures / "main_table.md").read_text().splitlines()
     smoke = PROFILES["smoke"]
     assert len(main) == 2 + len(smoke["LOSSES"]) * len(smoke["PROTOCOLS"])
-    assert main[0].startswith("| protocol | loss | without CLML | with CLML | diff | beyond seed spread | n seeds |")
-    for saved in ["data/label_statistics.json", "data/samples.npz", "tables/main_runs.csv", "embeddings/coords.csv"]:
+    assert main[0] == "| protocol | loss | without CLML | with CLML | diff (95% CI) | CI excludes 0 | CI | n seeds |"
+    assert all("bootstrap, 1 seed x" in line for line in main[2:])  # one seed: the bootstrap over test images
+    embeddings = (figures / "embedding_table.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in embeddings[2:]] == [
+        "| base loss",
+        "| + low-rank terms only",
+        "| + label correction only",
+        "| + CLML",
+    ]
+    for saved in [
+        "data/label_statistics.json",
+        "data/samples.npz",
+        "tables/main_runs.csv",
+        "tables/main_reliability.csv",
+        "embeddings/coords.csv",
+    ]:
         assert (runs / saved).is_file(), f"missing {saved}"
-    assert (runs / "study.json").is_file()
+    study = json.loads((runs / "study.json").read_text())
+    assert {"cpu_model", "torch", "torch_config", "mkldnn_available"} <= set(study["machine"])
     for name in NOTEBOOKS:  # executed copies, with their outputs, go to the run folder
         assert (runs / "notebooks" / f"{name}.ipynb").is_file()

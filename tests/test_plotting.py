@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -229,39 +227,6 @@ def test_sensitivity_plot_band_and_baseline():
 # ------------------------------------------------------------------------------------------------ embeddings
 
 
-def _slow_label_set_groups(labels, classes, n_groups, min_size, min_labels, other="other"):
-    counts: dict[tuple[int, ...], int] = {}
-    for row in labels:
-        key = tuple(int(c) for c in np.flatnonzero(row))
-        if len(key) >= min_labels:
-            counts[key] = counts.get(key, 0) + 1
-    named = {" + ".join(classes[c] for c in key): n for key, n in counts.items() if n >= min_size}
-    chosen = sorted(named, key=lambda name: (-named[name], name))[:n_groups]
-    out = []
-    for row in labels:
-        name = " + ".join(classes[c] for c in np.flatnonzero(row))
-        out.append(name if name in chosen else other)
-    return out
-
-
-def test_label_set_groups_hand_example():
-    labels = np.array([[1, 1, 0, 0]] * 3 + [[0, 0, 1, 1]] * 2 + [[1, 0, 0, 0]] * 5 + [[0, 1, 1, 0]])
-    groups = plotting.label_set_groups(labels, CLASSES, n_groups=5, min_size=2, min_labels=2)
-    assert groups.tolist() == ["cat + dog"] * 3 + ["car + tree"] * 2 + ["other"] * 6
-    singletons = plotting.label_set_groups(labels, CLASSES, n_groups=1, min_size=2, min_labels=1)
-    assert singletons.tolist() == ["other"] * 5 + ["cat"] * 5 + ["other"]
-    with pytest.raises(ValueError, match=r"\(N, 4\)"):
-        plotting.label_set_groups(labels[:, :3], CLASSES)
-
-
-@pytest.mark.parametrize("n_groups, min_size, min_labels", list(itertools.product([1, 3, 6], [1, 3], [1, 2])))
-def test_label_set_groups_matches_slow_reference(n_groups, min_size, min_labels):
-    labels = (np.random.default_rng(n_groups * 10 + min_size).random((200, 4)) < 0.35).astype(int)
-    expected = _slow_label_set_groups(labels, CLASSES, n_groups, min_size, min_labels)
-    got = plotting.label_set_groups(labels, CLASSES, n_groups, min_size, min_labels)
-    assert got.tolist() == expected
-
-
 def test_embedding_scatter_colours_groups_and_greys_the_rest():
     coords = np.random.default_rng(0).normal(size=(10, 2))
     groups = ["a"] * 2 + ["other"] * 5 + ["b"] * 3
@@ -275,42 +240,68 @@ def test_embedding_scatter_colours_groups_and_greys_the_rest():
         plotting.embedding_scatter(ax, coords[:, :1], groups)
 
 
-# ---------------------------------------------------------------------------------------------------- tables
+# ------------------------------------------------------------------------------------- curves and intervals
 
 
-def test_main_summary_numbers_and_undefined_spread():
-    table = plotting.main_summary(_runs())
-    bce = table.set_index("loss").loc["bce"]
-    std = np.std([50, 52], ddof=1)
-    assert (bce["without CLML_mean"], bce["with CLML_mean"], bce["diff"]) == (51.0, 56.0, 5.0)
-    assert np.isclose(bce["without CLML_std"], std) and np.isclose(bce["with CLML_std"], std)
-    assert bool(bce["beyond seed spread"]) == bool(5.0 > 2 * std)
-    hill = table.set_index("loss").loc["hill"]
-    assert pd.isna(hill["beyond seed spread"])  # one seed: no spread to compare with
-    assert hill["n seeds"] == "1"
-    text = plotting.format_summary(table)
-    assert text.columns.tolist() == ["protocol", "loss", "without CLML", "with CLML", "diff", "beyond seed spread",
-                                     "n seeds"]  # fmt: skip
-    assert text.iloc[0].tolist() == ["40% left", "bce", "51.00 ± 1.41", "56.00 ± 1.41", "+5.00", "yes", "2"]
-    assert text.iloc[1].tolist()[2:6] == ["60.00", "60.50", "+0.50", "n/a"]
+def test_band_curves_draw_mean_and_band_per_hue():
+    summary = pd.DataFrame(
+        {
+            "clml": [False, False, True, True],
+            "epoch": [0, 1, 0, 1],
+            "mean": [30.0, 40.0, 31.0, 41.0],
+            "low": [28.0, 38.0, np.nan, np.nan],
+            "high": [32.0, 42.0, np.nan, np.nan],
+        }
+    )
+    fig, ax = plt.subplots()
+    plotting.band_curves(ax, summary, "clml", hue_labels={False: "base", True: "+ CLML"}, ylabel="mAP")
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [1, 2])  # 1-based epochs
+    np.testing.assert_array_equal(ax.lines[1].get_ydata(), [31.0, 41.0])
+    band = ax.collections[0].get_paths()[0].vertices
+    assert np.isclose(band[:, 1].min(), 28.0) and np.isclose(band[:, 1].max(), 42.0)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["base", "+ CLML"]
+    empty = plotting.band_curves(plt.subplots()[1], summary.iloc[:0], "clml")
+    assert empty.texts[0].get_text() == "nothing logged"
 
 
-def test_seed_summary_includes_correction_quality():
-    table = plotting.seed_summary(_runs(), ["loss", "clml"])
-    row = table[(table["loss"] == "bce") & table["clml"]].iloc[0]
-    assert np.isclose(row["corr_precision_mean"], 0.7) and np.isclose(row["corr_recall_mean"], 0.3)
-    assert row["n seeds"] == 2
-    base = table[(table["loss"] == "bce") & ~table["clml"]].iloc[0]
-    assert pd.isna(base["corr_precision_mean"])
-    text = plotting.format_summary(table)
-    assert text.columns.tolist() == ["loss", "clml", "mAP", "corr_precision", "corr_recall", "n seeds"]
-    assert text.iloc[0].tolist() == ["bce", "no", "51.00 ± 1.41", "n/a", "n/a", "2"]
+def _per_class_table():
+    return pd.DataFrame(
+        {
+            "class": ["a", "b"],
+            "frequency": [0.5, 0.05],
+            "AP without CLML_mean": [60.0, 10.0],
+            "AP with CLML_mean": [61.0, 8.0],
+            "diff": [1.0, -2.0],
+            "diff_low": [0.5, np.nan],
+            "diff_high": [1.5, np.nan],
+        }
+    )
 
 
-def test_markdown_table_and_save_table(tmp_path):
-    table = pd.DataFrame({"name": ["a|b", "c"], "mAP_mean": [1.0, 2.5], "mAP_std": [0.5, np.nan]})
-    md = plotting.markdown_table(plotting.format_summary(table))
-    assert md.splitlines() == ["| name | mAP |", "|---|---|", "| a\\|b | 1.00 ± 0.50 |", "| c | 2.50 |"]
-    csv, md_path = plotting.save_table(table, tmp_path / "t" / "table")
-    pd.testing.assert_frame_equal(pd.read_csv(csv), table)
-    assert md_path.read_text() == md
+def test_per_class_ap_and_change_draw_the_table():
+    fig, (left, right) = plt.subplots(1, 2)
+    plotting.per_class_ap(left, _per_class_table())
+    base, clml = left.collections[1], left.collections[2]
+    np.testing.assert_allclose(base.get_offsets(), [[0.5, 60.0], [0.05, 10.0]])
+    np.testing.assert_allclose(clml.get_offsets(), [[0.5, 61.0], [0.05, 8.0]])
+    assert left.get_xscale() == "log"
+    plotting.per_class_change(right, _per_class_table())
+    container = right.containers[0]
+    np.testing.assert_allclose(container.lines[0].get_ydata(), [1.0, -2.0])
+    segments = container.lines[2][0].get_segments()
+    assert np.allclose([s[:, 1] for s in segments], [[0.5, 1.5], [-2.0, -2.0]])  # no interval: no bar
+    assert [t.get_text() for t in right.texts] == ["a", "b"]
+
+
+def test_reliability_share_and_counts():
+    bins = pd.DataFrame(
+        {"low": [0.0, 0.5], "high": [0.5, 1.0], "missing": [1, 3], "negative": [9, 1], "share": [0.1, 0.75]}
+    )
+    fig, (top, bottom) = plt.subplots(2, 1)
+    plotting.reliability_share(top, bins, tau=0.6)
+    np.testing.assert_allclose(top.lines[1].get_xdata(), [0.25, 0.75])
+    np.testing.assert_allclose(top.lines[1].get_ydata(), [0.1, 0.75])
+    assert np.allclose(top.lines[2].get_xdata(), 0.6)  # tau
+    plotting.reliability_counts(bottom, bins, tau=0.6)
+    assert _bar_heights(bottom) == [9, 1, 1, 3]  # negatives, then missing positives
+    assert bottom.get_yscale() == "log"

@@ -152,7 +152,8 @@ def test_paper_study_trains_every_notebook_on_the_coco_it_is_given(tmp_path):
     }
     run_study("paper", run_root=runs, figures_dir=figures, extra=extra, progress=False)
 
-    assert _check_runs(runs, "coco", root, classes, test_labels) == 1 + 2 + 9 + 2  # showcase, main, ablation, sens.
+    # showcase, main, ablation, sensitivity, full-label reference
+    assert _check_runs(runs, "coco", root, classes, test_labels) == 1 + 2 + 10 + 2 + 1
     for folder in _runs(runs):
         info = json.loads((folder / "run_info.json").read_text())
         assert info["n_train"] + info["n_val"] == len(train_labels)  # the unannotated image was dropped
