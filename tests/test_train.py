@@ -233,7 +233,7 @@ def test_tensorboard_logs_every_step_and_epoch_beside_metrics_csv(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "tb"
-    train(_config(tensorboard=True, clml={"quantile": 0.9}), run)
+    train(_config(tensorboard=True, log_every=1, clml={"quantile": 0.9}), run)
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     steps_per_epoch = 192 // 32
     for tag in ("step/loss", "step/base", "step/clml", "step/local", "step/global", "step/lr"):
