@@ -123,13 +123,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "clml": {"enabled": True, "correction_start_epoch": 1},
         "optim": {"epochs": 2, "batch_size": 32, "lr": 2e-3},
     },
-    # The embedded benchmark at the size the CPU study uses.
+    # The embedded benchmark at the size the CPU study uses. 6 epochs (the study used 8 before it had 5 seeds): over
+    # 3 seeds the same test mAP within the seed spread for bce, hill and asl with and without CLML (README).
     "default": {
         "name": "default",
         "data": {"synthetic_size": "default", "image_size": 32},
         "model": {"arch": "smallcnn", "widths": [16, 32, 64, 128]},
         "clml": {"enabled": True},
-        "optim": {"epochs": 8, "batch_size": 32, "lr": 2e-3},
+        "optim": {"epochs": 6, "batch_size": 32, "lr": 2e-3},
     },
     # The authors' recipe: ResNet101 at 448 px, Adam 1e-4, OneCycle, weight decay 1e-4 off bias and norm layers,
     # EMA 0.9997, RandAugment + Cutout, a global batch of 64 (split over DDP ranks), 80 epochs, fp16 AMP. Needs a GPU

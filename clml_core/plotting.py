@@ -21,6 +21,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from clml_core.tables import mean_std
 
@@ -442,6 +443,15 @@ def band_curves(
     return ax
 
 
+def _frequency_axis(ax: Axes) -> None:
+    """A logarithmic class-frequency x axis with plain tick labels (0.05, 0.1, 0.2, ...)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("class frequency (training images, full labels)")
+
+
 def per_class_ap(ax: Axes, table: pd.DataFrame) -> Axes:
     """Per-class test AP without and with CLML (means over seeds) against class frequency, each pair joined.
 
@@ -453,8 +463,7 @@ def per_class_ap(ax: Axes, table: pd.DataFrame) -> Axes:
     ax.vlines(x, base, clml, color=STYLE["other"], linewidth=1)
     ax.scatter(x, base, s=STYLE["point_size"] * 2, color=STYLE["without_clml"], label="base loss", zorder=3)
     ax.scatter(x, clml, s=STYLE["point_size"] * 2, color=STYLE["with_clml"], label="+ CLML", zorder=3)
-    ax.set_xscale("log")
-    ax.set_xlabel("class frequency (training images, full labels)")
+    _frequency_axis(ax)
     ax.set_ylabel("test AP (%)")
     ax.legend(fontsize="small")
     return ax
@@ -474,8 +483,7 @@ def per_class_change(ax: Axes, table: pd.DataFrame) -> Axes:
     ax.errorbar(x, diff, yerr=[below, above], fmt="o", capsize=3, color=STYLE["with_clml"])
     for xi, yi, name in zip(x, diff, table["class"]):
         ax.annotate(str(name), (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize="x-small")
-    ax.set_xscale("log")
-    ax.set_xlabel("class frequency (training images, full labels)")
+    _frequency_axis(ax)
     ax.set_ylabel("AP change from CLML (points)")
     return ax
 

@@ -28,6 +28,14 @@ from clml_core.runio import atomic_write_json, git_state, machine_info
 
 NOTEBOOKS = ("00_data", "01_train", "02_ablation", "03_embeddings", "04_paper_figures")
 
+#: What ``04_paper_figures`` reads under the run root, by the notebook that writes it.
+FIGURE_INPUTS: dict[str, str] = {
+    "00_data": "data/label_statistics.json",
+    "01_train": "showcase/showcase.json",
+    "02_ablation": "tables/main_reliability.csv",
+    "03_embeddings": "embeddings/coords.csv",
+}
+
 _LOSSES = ["bce", "focal", "asl", "hill", "splc"]
 _PROTOCOLS = ["75% left", "40% left", "single positive"]
 
@@ -111,6 +119,22 @@ def _check_dataset(profile: str, params: dict[str, Any]) -> None:
             ) from None
 
 
+def _check_figure_inputs(profile: str, run_root: Path, names: Sequence[str]) -> None:
+    """Before rendering figures from saved results alone (``--only 04_paper_figures``, ``make figures``), check that
+    the notebooks not run now have left what the figures read."""
+    missing = [
+        f"{run_root / path} (written by {notebook})"
+        for notebook, path in FIGURE_INPUTS.items()
+        if notebook not in names and not (run_root / path).exists()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            "the figures are rendered from the study's saved runs, and these are missing: "
+            + "; ".join(missing)
+            + f". Run the study first: make study PROFILE={profile} (python -m clml_core.study --profile {profile})"
+        )
+
+
 def run_study(
     profile: str = "default",
     *,
@@ -138,6 +162,8 @@ def run_study(
     executed.mkdir(parents=True, exist_ok=True)
     params = notebook_parameters(profile, run_root, figures_dir, force, extra or {})
     _check_dataset(profile, params)
+    if "04_paper_figures" in names:
+        _check_figure_inputs(profile, run_root, names)
     seconds: dict[str, float] = {}
     for name in names:
         started = time.perf_counter()

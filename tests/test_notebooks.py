@@ -138,3 +138,10 @@ def test_smoke_study_writes_every_figure_and_table(tmp_path):
     assert {"cpu_model", "torch", "torch_config", "mkldnn_available"} <= set(study["machine"])
     for name in NOTEBOOKS:  # executed copies, with their outputs, go to the run folder
         assert (runs / "notebooks" / f"{name}.ipynb").is_file()
+
+
+def test_figures_without_saved_runs_stop_before_any_notebook_naming_make_study(tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(FileNotFoundError, match=r"data/label_statistics.json \(written by 00_data\).*make study"):
+        run_study("smoke", only=["04_paper_figures"], run_root=runs, figures_dir=tmp_path / "f", progress=False)
+    assert not (runs / "notebooks" / "04_paper_figures.ipynb").exists()
