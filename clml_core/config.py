@@ -6,6 +6,7 @@ overrides from the command line or a notebook. The resolved configuration is wri
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -91,8 +92,14 @@ class OptimConfig:
     schedule: str = "onecycle"  # onecycle | constant
     pct_start: float = 0.2
     ema_decay: float = 0.0  # 0 disables EMA; the authors use 0.9997
-    amp: str = "off"  # off | bf16 | fp16 (fp16 uses a dynamic GradScaler)
-    loss_scale: float = 0.0  # static loss scale (0 = none); emulates AMP scaling on CPU, e.g. 65536
+    amp: str = "off"  # off | bf16 | fp16 (fp16 uses PyTorch's dynamic GradScaler from 65536; no loss_scale with it)
+    # Loss scaling in any precision, on CPU too (0 = none): the loss is multiplied by the scale before backward and
+    # the gradients divided by it before the step. Static, or with loss_scale_doublings > 0 a dynamic GradScaler
+    # from loss_scale that doubles every (run steps / loss_scale_doublings) overflow-free steps and halves on an
+    # overflow, skipping that step. The authors' release: 65536 doubling every 2000 of its 26 x 1283 steps
+    # (16.68 doublings, 2^32 at the end; see AUTHORS).
+    loss_scale: float = 0.0
+    loss_scale_doublings: float = 0.0
     grad_clip: float = 0.0
 
 
@@ -162,6 +169,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+#: The authors' release (github chuangua/ContrastiveLossMLML) as it ran, as configuration overrides.
+#: ``"run"`` is how it trained: its CLML implementation, whose backward ignores the incoming gradient
+#: (``clml.authors_release``), in fp32 without autocast behind a dynamic GradScaler that starts at 65536 and doubles
+#: every 2000 overflow-free steps; over its 26 epochs of 1283 steps that is 16.68 doublings, so its CLML gradient
+#: ends divided by 2^32 (about 4e9), not 65536. ``optim.loss_scale_doublings`` spreads the same doublings over a
+#: run's own steps, so a short CPU run ends at the same scale. ``"values"`` are its hyperparameters where they differ
+#: from ours: label-correction threshold 0.75 (its training script's default; the command in its README passes 0.8;
+#: ours is SPLC's 0.6), and in ``"base_kwargs"`` per base loss: SPLC tau 0.7 (ours: SPLC's published 0.6) and Focal
+#: without gradient through its focusing weight (ours: Lin et al.'s, with it). See :func:`authors_overrides`.
+AUTHORS: dict[str, Any] = {
+    "run": {
+        "clml": {"authors_release": True},
+        "optim": {"amp": "off", "loss_scale": 65536.0, "loss_scale_doublings": 26 * 1283 / 2000},
+    },
+    "values": {"clml": {"tau": 0.75}},
+    "base_kwargs": {"splc": {"tau": 0.7}, "focal": {"detach_focal_weight": True}},
+}
+
+
+def authors_overrides(base: str, values: bool) -> dict[str, Any]:
+    """Overrides that train like the authors' release (``AUTHORS["run"]``), with its hyperparameters for base loss
+    ``base`` too when ``values`` (``AUTHORS["values"]`` and ``AUTHORS["base_kwargs"][base]``)."""
+    overrides = copy.deepcopy(AUTHORS["run"])
+    if values:
+        overrides["clml"].update(AUTHORS["values"]["clml"])
+        if base in AUTHORS["base_kwargs"]:
+            overrides["loss"] = {"kwargs": dict(AUTHORS["base_kwargs"][base])}
+    return overrides
 
 
 def _parse_bool(text: str, key: str) -> bool:
@@ -364,6 +401,7 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
         "optim.batch_size": (optim.batch_size, 1),
         "optim.weight_decay": (optim.weight_decay, 0),
         "optim.loss_scale": (optim.loss_scale, 0),
+        "optim.loss_scale_doublings": (optim.loss_scale_doublings, 0),
         "optim.grad_clip": (optim.grad_clip, 0),
     }
     for key, (value, low) in minimum.items():
@@ -424,6 +462,19 @@ def _check_contradictions(config: TrainConfig) -> None:
         raise ValueError(
             "config fields 'data.decode' and 'data.packed_cache'/'data.cache_format' contradict: data.decode='device' "
             f"decodes a JPEG cache, but data.packed_cache={data.packed_cache}, data.cache_format={data.cache_format!r}"
+        )
+    optim = config.optim
+    if optim.amp == "fp16" and optim.loss_scale:
+        raise ValueError(
+            f"config fields 'optim.amp' and 'optim.loss_scale' contradict: optim.amp='fp16' scales the loss with "
+            f"PyTorch's dynamic GradScaler (from 65536), and optim.loss_scale={optim.loss_scale} is the scale of a run "
+            "without fp16; set optim.loss_scale to 0, or optim.amp to off or bf16"
+        )
+    if optim.loss_scale_doublings and not optim.loss_scale:
+        raise ValueError(
+            f"config fields 'optim.loss_scale_doublings' and 'optim.loss_scale' contradict: "
+            f"optim.loss_scale_doublings={optim.loss_scale_doublings} grows a loss scale, but optim.loss_scale is 0 "
+            "(no scaling); set the starting scale, e.g. optim.loss_scale=65536"
         )
     if data.observed_file and data.protocol != "file":
         raise ValueError(

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from clml_core import checkpoints
 from clml_core import distributed as dist_utils
-from clml_core.config import TrainConfig, config_diff, read_run_config, to_dict
+from clml_core.config import OptimConfig, TrainConfig, config_diff, read_run_config, to_dict
 from clml_core.correction import CorrectionQuality, correct_labels
 from clml_core.data import MultiLabelDataset, labels_checksum
 from clml_core.data.dataset import collate
@@ -335,6 +335,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _grad_scaler(optim: OptimConfig, device: torch.device, steps: int) -> torch.amp.GradScaler:
+    """The run's GradScaler: PyTorch's dynamic one for fp16; with ``optim.loss_scale`` and
+    ``optim.loss_scale_doublings`` the same dynamic scaler in any precision (the authors' release ran it in fp32),
+    from that scale, doubling every ``steps / loss_scale_doublings`` overflow-free steps of the run's ``steps``;
+    otherwise disabled (a static ``optim.loss_scale`` is applied by the training step)."""
+    if optim.loss_scale and optim.loss_scale_doublings:
+        interval = max(1, int(steps / optim.loss_scale_doublings))
+        return torch.amp.GradScaler(device.type, init_scale=optim.loss_scale, growth_interval=interval)
+    return torch.amp.GradScaler(device.type, enabled=optim.amp == "fp16")
+
+
 class Trainer:
     """One training run in one folder. Use :func:`train` unless you need the pieces."""
 
@@ -373,7 +384,7 @@ class Trainer:
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.ema = _DeviceEMA(self.model, optim.ema_decay) if optim.ema_decay > 0 else None
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=optim.amp == "fp16")
+        self.scaler = _grad_scaler(optim, self.device, self.steps_per_epoch * (optim.stop_epoch or optim.epochs))
         # Labels were validated when the datasets were built, and a non-finite loss stops the run with its own
         # message, so the losses skip their per-call value checks (a device synchronisation each on a GPU).
         loss_kwargs = dict(config.loss.kwargs)
@@ -484,7 +495,7 @@ class Trainer:
                     clml_value = self.clml_loss(embeddings.float(), groups)
                 loss = base + clml_value
         self.optimizer.zero_grad(set_to_none=True)
-        static_scale = config.optim.loss_scale
+        static_scale = config.optim.loss_scale if not config.optim.loss_scale_doublings else 0.0
         if static_scale:
             (loss * static_scale).backward()
             for group in self.optimizer.param_groups:
@@ -496,7 +507,7 @@ class Trainer:
         if config.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
-        self.scaler.step(self.optimizer)  # fp16 only: the scaler reads its inf check (unavoidable)
+        self.scaler.step(self.optimizer)  # a dynamic scaler (fp16, loss_scale_doublings) reads its inf check here
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:

@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from clml_core.config import apply_updates, resolve_config
+from clml_core.config import apply_updates, authors_overrides, resolve_config
 from clml_core.runio import atomic_write_json
 
 #: Missing-label protocols of the main table, as config overrides of ``data``.
@@ -141,12 +141,23 @@ CORRECTIONS: dict[str, tuple[dict[str, Any], str]] = {
 
 
 def ablation_grid(
-    preset: str, loss: str, protocol: str, seeds: Sequence[int], overrides: dict[str, Any] | None = None
+    preset: str,
+    loss: str,
+    protocol: str,
+    seeds: Sequence[int],
+    overrides: dict[str, Any] | None = None,
+    authors_values: bool = False,
 ) -> list[RunSpec]:
-    """Base loss alone, + local, + global, + both, without and with label correction, and the authors' CLML.
+    """Base loss alone, + local, + global, + both, without and with label correction, and the authors' release.
 
     Correction is the fixed-tau rule, and for the base loss and CLML also the per-class quantile rule
     (:data:`CORRECTIONS`). The global term does not read labels, so it runs without correction only.
+
+    The release's row trains as the release ran (:data:`clml_core.config.AUTHORS`: its CLML implementation in fp32
+    behind a loss scale growing from 65536 to 2^32 over the run), with our hyperparameters and the fixed-tau
+    correction, so that it differs from "both + correction" only in the implementation and its scaling;
+    ``authors_values`` gives it the release's hyperparameters too (correction threshold 0.75, SPLC tau 0.7, Focal's
+    detached weight).
     """
     specs = []
     common = _merge(overrides or {}, {"data": PROTOCOLS[protocol], "loss": {"base": loss}})
@@ -166,9 +177,10 @@ def ablation_grid(
             labels = {"terms": name, "correction": correction}
             run = _merge(common, {"clml": clml})
             specs += [RunSpec("ablation", f"{name}{suffix}", seed, preset, run, labels) for seed in seeds]
-    released = _merge(common, {"clml": {"enabled": True, "authors_release": True}, "optim": {"loss_scale": 65536.0}})
-    labels = {"terms": "authors' release (AMP-scaled)", "correction": "fixed tau"}
-    specs += [RunSpec("ablation", "authors release", seed, preset, released, labels) for seed in seeds]
+    released = _merge(common, {"clml": {"enabled": True}}, authors_overrides(loss, authors_values))
+    labels = {"terms": "authors' release (as it ran)", "correction": "fixed tau"}
+    variant = "authors release as run" + (" with its values" if authors_values else "")
+    specs += [RunSpec("ablation", variant, seed, preset, released, labels) for seed in seeds]
     return specs
 
 

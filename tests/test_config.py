@@ -79,3 +79,16 @@ def test_round_trip():
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b=1", "a.c=x", "d=2"]) == {"a": {"b": "1", "c": "x"}, "d": "2"}
+
+
+def test_fp16_with_a_loss_scale_is_refused_naming_both_fields():
+    with pytest.raises(ValueError, match="config fields 'optim.amp' and 'optim.loss_scale' contradict"):
+        resolve_config("smoke", overrides=["optim.amp=fp16", "optim.loss_scale=65536"])
+    assert resolve_config("smoke", overrides=["optim.amp=bf16", "optim.loss_scale=65536"]).optim.loss_scale == 65536
+
+
+def test_loss_scale_doublings_need_a_starting_scale():
+    with pytest.raises(ValueError, match="'optim.loss_scale_doublings' and 'optim.loss_scale' contradict"):
+        resolve_config("smoke", overrides=["optim.loss_scale_doublings=16"])
+    with pytest.raises(ValueError, match="'optim.loss_scale_doublings': must be >= 0"):
+        resolve_config("smoke", overrides=["optim.loss_scale=65536", "optim.loss_scale_doublings=-1"])

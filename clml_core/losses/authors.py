@@ -2,10 +2,13 @@
 
 The release (github chuangua/ContrastiveLossMLML, ``ConLoss_MLML.py``) computes the term with one SVD per class
 moved to NumPy, drops singular values under an absolute 1e-6, and returns a precomputed gradient from a hand-written
-backward that ignores the incoming gradient. Its training script multiplies the loss by a GradScaler's scale
-(65536 at the start) before ``backward`` and divides the parameter gradients by the same scale before the step, so
-the CLML gradient arrives divided by the scale and barely acts. Its value also weighs the global term by lambda
-twice: ``lam / B * (local - lam * global)``. Use :class:`clml_core.losses.CLMLLoss` for real work.
+backward that ignores the incoming gradient. Its training script runs in fp32 without autocast, but behind a
+dynamic GradScaler: the loss is multiplied by the scale before ``backward`` and the parameter gradients divided by it
+before the step, so the CLML gradient arrives divided by the scale. The scale starts at 65536 and doubles every 2000
+overflow-free steps, and fp32 gradients do not overflow: after its 26 epochs of 1283 steps it is 2^32 (about 4e9),
+and the CLML gradient is divided by that, not by 65536. ``clml_core.config.AUTHORS`` trains this way (on CPU too).
+Its value also weighs the global term by lambda twice: ``lam / B * (local - lam * global)``. Use
+:class:`clml_core.losses.CLMLLoss` for real work.
 """
 
 from __future__ import annotations
