@@ -2,7 +2,7 @@
 
 import pytest
 
-from clml_core.config import PRESETS, from_dict, parse_overrides, resolve_config, to_dict
+from clml_core.config import AUTHORS, PRESETS, authors_overrides, from_dict, parse_overrides, resolve_config, to_dict
 
 
 def test_presets_resolve():
@@ -92,3 +92,20 @@ def test_loss_scale_doublings_need_a_starting_scale():
         resolve_config("smoke", overrides=["optim.loss_scale_doublings=16"])
     with pytest.raises(ValueError, match="'optim.loss_scale_doublings': must be >= 0"):
         resolve_config("smoke", overrides=["optim.loss_scale=65536", "optim.loss_scale_doublings=-1"])
+
+
+def test_authors_setting_trains_as_the_release_ran():
+    def released(base):
+        overrides = authors_overrides(base, values=True)
+        overrides.setdefault("loss", {})["base"] = base
+        return resolve_config("default", overrides=overrides)
+
+    config = released("splc")
+    assert config.clml.authors_release and config.optim.amp == "off"
+    assert config.optim.loss_scale == 65536.0 and config.optim.loss_scale_doublings == pytest.approx(16.68, abs=0.01)
+    assert 65536 * 2 ** int(26 * 1283 / 2000) == 2**32  # the release's scale after 26 epochs of 1283 steps
+    assert config.clml.tau == 0.75 and config.loss.kwargs == {"tau": 0.7}
+    assert released("focal").loss.kwargs == {"detach_focal_weight": True}
+    ours = resolve_config("default", overrides=authors_overrides("bce", values=False))
+    assert ours.clml.tau == 0.6 and ours.loss.kwargs == {} and ours.clml.authors_release
+    assert AUTHORS["values"] == {"clml": {"tau": 0.75}}  # authors_overrides copies, never mutates

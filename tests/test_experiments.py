@@ -18,7 +18,7 @@ def test_ablation_grid_rows_and_correction_rules():
         ("+ both (CLML)", "none"),
         ("+ both (CLML)", "fixed tau"),
         ("+ both (CLML)", "class quantile"),
-        ("authors' release (AMP-scaled)", "fixed tau"),
+        ("authors' release (as it ran)", "fixed tau"),
     ]
     assert len(specs) == 2 * len(rows) and len({s.folder("r") for s in specs}) == len(specs)
     by_variant = {s.variant: s.config() for s in specs if s.seed == 0}
@@ -28,6 +28,12 @@ def test_ablation_grid_rows_and_correction_rules():
     clml = by_variant["+ both (CLML) + correction"].clml
     assert (clml.enabled, clml.correction, clml.quantile, clml.correct_base) == (True, True, 0.0, False)
     assert by_variant["+ local"].clml.global_weight == 0.0 and not by_variant["+ local"].clml.correction
+    released = by_variant["authors release as run"]
+    assert released.clml.authors_release and released.clml.correction and released.clml.tau == 0.6  # our values
+    assert (released.optim.amp, released.optim.loss_scale) == ("off", 65536.0)
+    assert released.optim.loss_scale_doublings == 26 * 1283 / 2000  # the release's growing GradScaler
+    with_values = ablation_grid("smoke", "bce", "40% left", [0], authors_values=True)[-1]
+    assert with_values.variant == "authors release as run with its values" and with_values.config().clml.tau == 0.75
 
 
 def test_reference_grid_trains_on_full_labels_without_clml():

@@ -12,7 +12,6 @@ import torch
 from clml_core import engine as engine_module
 from clml_core.config import resolve_config
 from clml_core.engine import NonFiniteLossError, train
-from clml_core.experiments import ablation_grid
 from clml_core.losses import CLMLLoss
 from clml_core.losses.authors import AuthorsCLMLLoss
 from clml_core.paths import PROJ_ROOT
@@ -194,31 +193,6 @@ def test_growing_loss_scale_follows_the_release_schedule_on_cpu(tmp_path):
     assert scaler["scale"] == 65536.0 * 2**3  # fp32: no overflow, no backoff
     pd.testing.assert_frame_equal(runs[False, 0.0], runs[False, 3.0])  # powers of two: exact for our CLML
     assert not runs[True, 0.0].equals(runs[True, 3.0])  # the release's CLML gradient shrinks with the scale
-
-
-def test_authors_setting_trains_as_the_release_ran():
-    from clml_core.config import AUTHORS, authors_overrides
-
-    def released(base):
-        overrides = authors_overrides(base, values=True)
-        overrides.setdefault("loss", {})["base"] = base
-        return resolve_config("default", overrides=overrides)
-
-    config = released("splc")
-    assert config.clml.authors_release and config.optim.amp == "off"
-    assert config.optim.loss_scale == 65536.0 and config.optim.loss_scale_doublings == pytest.approx(16.68, abs=0.01)
-    assert 65536 * 2 ** int(26 * 1283 / 2000) == 2**32  # the release's scale after 26 epochs of 1283 steps
-    assert config.clml.tau == 0.75 and config.loss.kwargs == {"tau": 0.7}
-    assert released("focal").loss.kwargs == {"detach_focal_weight": True}
-    ours = resolve_config("default", overrides=authors_overrides("bce", values=False))
-    assert ours.clml.tau == 0.6 and ours.loss.kwargs == {} and ours.clml.authors_release
-    assert AUTHORS["values"] == {"clml": {"tau": 0.75}}  # authors_overrides copies, never mutates
-    released = [
-        spec for spec in ablation_grid("default", "bce", "40% left", [0]) if spec.labels["terms"].startswith("authors")
-    ]
-    assert [spec.config().optim.loss_scale_doublings for spec in released] == [
-        AUTHORS["run"]["optim"]["loss_scale_doublings"]
-    ]
 
 
 def _cli(out, *overrides, processes=1):
