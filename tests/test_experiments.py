@@ -50,3 +50,32 @@ def test_main_and_sensitivity_grids_pair_seeds():
     sensitivity = sensitivity_grid("smoke", "bce", "40% left", [0, 1], [0.01, 10.0], [0.7])
     assert [s.variant for s in sensitivity[::2]] == ["lam=0.01", "lam=10", "tau=0.7"]
     assert sensitivity[2].config().clml.lam == 10.0
+
+
+def test_collect_frames_read_each_runs_saved_results(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from clml_core.experiments import collect, collect_metrics, collect_per_class, collect_reliability, run_specs
+
+    overrides = {"data": {"limit_train": 64}, "optim": {"epochs": 2}}
+    specs = main_grid("smoke", ["bce"], ["40% left"], [0], overrides)  # without and with CLML
+    run_specs(specs, tmp_path, processes=1)
+    runs = collect(tmp_path, specs)
+    assert runs["clml"].tolist() == [False, True] and runs["test_map"].between(0, 100).all()
+
+    per_class = collect_per_class(runs)
+    saved = pd.read_json(runs["folder"][0] + "/results.json", typ="series")["test_ap_per_class"]
+    first = per_class[per_class["folder"] == runs["folder"][0]]
+    assert first["class"].tolist() == list(saved) and np.allclose(first["ap"], list(saved.values()), equal_nan=True)
+    assert len(per_class) == 2 * len(saved)
+
+    metrics = collect_metrics(runs)
+    assert metrics.groupby("clml")["epoch"].apply(list).tolist() == [[0, 1], [0, 1]]
+    assert "corr_precision" in metrics and "test_map" not in metrics  # the epoch's own columns, not the run's
+
+    bins = collect_reliability(runs, bins=5)
+    with np.load(runs["folder"][1] + "/train_scores.npz") as scores:
+        unobserved = int((scores["observed"] == 0).sum())
+    clml_bins = bins[bins["clml"]]
+    assert len(clml_bins) == 5 and int(clml_bins["missing"].sum() + clml_bins["negative"].sum()) == unobserved
