@@ -30,6 +30,7 @@ class DataConfig:
     test_split: str = ""  # e.g. val2014, test; "" = the dataset's default
     synthetic_size: str = "default"  # size preset of the embedded benchmark: tiny | default
     synthetic_seed: int = 0  # the generated dataset's own seed (independent of the run seed)
+    synthetic_image_size: int = 0  # side the benchmark is generated at (0: image_size); loaders resize to image_size
     image_size: int = 32
     protocol: str = "keep_fraction"  # full | keep_fraction | single_positive | file
     fraction: float = 0.4  # kept share of positives for keep_fraction
@@ -388,6 +389,7 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
         "threads": (config.threads, 0),
         "checkpoint_every": (config.checkpoint_every, 0),
         "data.cache_quality": (data.cache_quality, 1),
+        "data.synthetic_image_size": (data.synthetic_image_size, 0),
         "log_every": (config.log_every, 1),
         "data.synthetic_seed": (data.synthetic_seed, 0),
         "data.image_size": (data.image_size, 8),
@@ -449,6 +451,11 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
 def _check_contradictions(config: TrainConfig) -> None:
     """Fields that only mean something for another setting of a field: an error naming both, never ignored."""
     data = config.data
+    if data.dataset != "synthetic" and data.synthetic_image_size:
+        raise ValueError(
+            f"config fields 'data.dataset' and 'data.synthetic_image_size' contradict: data.synthetic_image_size="
+            f"{data.synthetic_image_size} sizes the embedded benchmark, but data.dataset={data.dataset!r}"
+        )
     if data.dataset == "synthetic":
         for key in ("root", "train_split", "test_split"):
             if getattr(data, key):

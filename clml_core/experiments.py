@@ -242,7 +242,8 @@ def _prepare_data(specs: Sequence[RunSpec]) -> None:
     seen = set()
     for spec in specs:
         data = spec.config().data
-        key = (data.dataset, data.root, data.synthetic_size, data.synthetic_seed, data.image_size)
+        side = data.synthetic_image_size or data.image_size
+        key = (data.dataset, data.root, data.synthetic_size, data.synthetic_seed, side)
         if key not in seen:
             seen.add(key)
             build_splits(spec.config())

@@ -69,3 +69,21 @@ def test_bench_loading_tiny_prints_the_cache_and_pipeline_tables():
     pipelines = ["files (PIL + resize)", "raw cache", "jpeg cache, decode in workers", "jpeg cache, decode on cpu"]
     for pipeline in pipelines:
         assert re.search(rf"^\| {re.escape(pipeline)} \| 0 \| \d+ \| [\d.]+x \|$", result.stdout, flags=re.M), pipeline
+
+
+def test_gpu_check_runs_its_tiny_mode_on_the_cpu(tmp_path):
+    """The GPU check's code paths on small shapes: CLML against the float64 loop, the step benchmark, and a paper
+    preset run stopped as a crash would stop it and resumed; every pass/fail row passes."""
+    out = tmp_path / "check.json"
+    command = [sys.executable, "-W", "ignore::DeprecationWarning", "benchmarks/gpu_check.py", "--device", "cpu"]
+    result = subprocess.run(command + ["--tiny", "--json", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    checks = {(r["section"], r["check"]): r for r in rows}
+    assert checks[("CLML on cpu", "float32: value / gradient rel. error")]["status"] == "PASS"
+    assert checks[("CLML on cpu", "bf16 autocast: value / gradient rel. error")]["status"] == "PASS"
+    paper = "paper preset, embedded benchmark"
+    assert checks[(paper, "train loss per epoch")]["status"] == "PASS"
+    assert checks[(paper, "stopped after / resumed from")]["result"].startswith("10 steps / epoch 0 step 8")
+    assert {"plain: images/s", "ours: images/s", "CLML share of the ours step"} <= {r["check"] for r in rows}
+    assert re.search(r"^9 rows, 0 failed, \d+ s on cpu$", result.stdout, flags=re.M)

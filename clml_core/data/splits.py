@@ -111,7 +111,8 @@ def build_splits(config: TrainConfig) -> Splits:
     data = config.data
     if data.dataset == "synthetic":
         size = SYNTHETIC_SIZES[data.synthetic_size]
-        synthetic = SyntheticConfig(image_size=data.image_size, seed=data.synthetic_seed, **size)
+        side = data.synthetic_image_size or data.image_size  # generated at this side, resized to image_size
+        synthetic = SyntheticConfig(image_size=side, seed=data.synthetic_seed, **size)
         parts = load_synthetic(synthetic, progress=config.progress)
         train = _apply_protocol(config, parts["train"], data.protocol_seed)
         val = _apply_protocol(config, parts["val"], data.protocol_seed + 1)
