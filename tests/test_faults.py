@@ -159,6 +159,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_continues(tmp_path, reference):
     assert (state["epoch"], state["step"]) == (0, 2)
     second = cli(run, "term-step:3", mode="bare")  # the resumed process's 3rd step: epoch 1, step 2
     assert second.returncode == EXIT_INTERRUPTED and "at epoch 1 step 2" in second.stderr, second.stderr[-2000:]
+    train(None, run, resume=True)  # a checkpoint of the command line continues in Python (the study's path)
     finish_and_compare(run, reference_run, mode="bare")
 
 

@@ -317,31 +317,37 @@ def test_cli_debug_shows_the_traceback(tmp_path, capsys):
         cli.run(["--preset", "smoke", "--out", str(tmp_path / "run"), "--debug", "optim.lr=nan"])
 
 
-def test_cli_a_corrupt_image_is_one_line_and_leaves_no_folder(tmp_path, capsys, write_image):
+def _coco_with_a_truncated_image(root, write_image):
+    """A COCO-layout folder under ``root`` whose 4th training image is cut short; returns that image's path."""
     categories = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
     for split, count in (("train2014", 16), ("val2014", 8)):
         images = [{"id": i, "file_name": f"COCO_{split}_{i:012d}.jpg"} for i in range(count)]
         annotations = [{"image_id": i, "category_id": 1 + 2 * (i % 2)} for i in range(count)]
-        (tmp_path / "annotations").mkdir(exist_ok=True)
+        (root / "annotations").mkdir(exist_ok=True)
         data = {"images": images, "annotations": annotations, "categories": categories}
-        (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
         for image in images:
-            write_image(tmp_path / split / image["file_name"], seed=image["id"])
-    bad = tmp_path / "train2014" / "COCO_train2014_000000000003.jpg"
+            write_image(root / split / image["file_name"], seed=image["id"])
+    bad = root / "train2014" / "COCO_train2014_000000000003.jpg"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated
-    status, err = _cli(
-        capsys,
-        "--preset",
-        "smoke",
-        "--out",
-        tmp_path / "run",
-        "data.dataset=coco",
-        f"data.root={tmp_path}",
-        "data.packed_cache=true",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.image_size=16",
-        "data.protocol=full",
-        "progress=false",
-    )
+    return bad
+
+
+COCO_ARGS = ["--preset", "smoke", "data.dataset=coco", "data.image_size=16", "data.protocol=full", "progress=false"]
+
+
+def test_cli_a_corrupt_image_is_one_line_and_leaves_no_folder(tmp_path, capsys, write_image):
+    bad = _coco_with_a_truncated_image(tmp_path, write_image)
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    packed = [*COCO_ARGS, f"data.root={tmp_path}", "data.packed_cache=true", cache, "--out", tmp_path / "run"]
+    status, err = _cli(capsys, *packed)
     assert status == 2 and bad.name in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_a_corrupt_image_read_by_a_loader_worker_is_one_line(tmp_path, capsys, write_image):
+    bad = _coco_with_a_truncated_image(tmp_path, write_image)
+    loose = [*COCO_ARGS, f"data.root={tmp_path}", "data.workers=1", "optim.batch_size=4", "--out", tmp_path / "run"]
+    status, err = _cli(capsys, *loose)
+    assert status == 2 and f"cannot decode image {bad}" in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
