@@ -17,6 +17,7 @@ Policies (the same ones scikit-learn applies, which the tests use as the referen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -55,25 +56,89 @@ def _validate(targets: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.nda
     return t.astype(bool), s
 
 
-def _average_precision(t: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """AP in [0, 1] of every column of checked targets t (N, C) bool and scores s (N, C); NaN without positive."""
+@dataclass(frozen=True)
+class Ranking:
+    """Every class's test items sorted by descending score, with the tie structure AP needs.
+
+    Attributes:
+        order: (C, N) item indices in descending score order per class (the order within ties does not matter).
+        targets: (C, N) bool targets in that order.
+        run_end: (C, N) position of the last item of each item's run of tied scores (one threshold).
+    """
+
+    order: np.ndarray
+    targets: np.ndarray
+    run_end: np.ndarray
+
+
+def _ranking(t: np.ndarray, s: np.ndarray) -> Ranking:
+    """The :class:`Ranking` of checked targets t (N, C) bool and scores s (N, C)."""
     n = s.shape[0]
     # Classes as rows (C, N), contiguous, so that every sort and scan runs along memory.
     s_c = np.ascontiguousarray(s.T)
-    order = np.argsort(-s_c, axis=1)  # (C, N) descending scores; the order within ties does not matter
+    order = np.argsort(-s_c, axis=1)  # (C, N) descending scores
     s_sorted = np.take_along_axis(s_c, order, axis=1)
     t_sorted = np.take_along_axis(np.ascontiguousarray(t.T), order, axis=1)
-    tp = np.cumsum(t_sorted, axis=1)  # (C, N) true positives among the top i + 1
     # A run of tied scores is one threshold: every position takes the precision at the end of its run.
     is_end = np.ones_like(t_sorted)
     is_end[:, :-1] = s_sorted[:, :-1] != s_sorted[:, 1:]
     run_end = np.where(is_end, np.arange(n), n)  # (C, N) own index at a run end, n elsewhere
     run_end = np.minimum.accumulate(run_end[:, ::-1], axis=1)[:, ::-1]  # (C, N) index of the end of each run
-    precision_at_run_end = np.take_along_axis(tp, run_end, axis=1) / (run_end + 1)  # (C, N)
-    n_pos = tp[:, -1]  # (C,)
-    hits = (precision_at_run_end * t_sorted).sum(axis=1)  # (C,) sum over positives of P at their threshold
+    return Ranking(order, t_sorted, run_end)
+
+
+def _ranked_average_precision(ranking: Ranking, weights: np.ndarray | None = None) -> np.ndarray:
+    """AP in [0, 1] per class of a ranking, each item counted ``weights[i]`` times (default once); NaN without a
+    (weighted) positive. Integer weights give the AP of the items repeated that often (a bootstrap resample)."""
+    t_sorted = ranking.targets.astype(np.float64)
+    if weights is None:
+        counted = np.broadcast_to(np.arange(1, t_sorted.shape[1] + 1, dtype=np.float64), t_sorted.shape)
+    else:
+        w_sorted = np.asarray(weights, dtype=np.float64)[ranking.order]  # (C, N)
+        t_sorted = t_sorted * w_sorted
+        counted = np.cumsum(w_sorted, axis=1)  # (C, N) items among the top i + 1
+    tp = np.cumsum(t_sorted, axis=1)  # (C, N) true positives among the top i + 1
     with np.errstate(invalid="ignore", divide="ignore"):
+        precision_at_run_end = np.take_along_axis(tp, ranking.run_end, axis=1) / np.take_along_axis(
+            counted, ranking.run_end, axis=1
+        )  # (C, N); 0 / 0 only in runs of weight 0, which add nothing below
+        n_pos = tp[:, -1]  # (C,)
+        hits = np.nansum(precision_at_run_end * t_sorted, axis=1)  # (C,) sum over positives of P at their threshold
         return np.where(n_pos > 0, hits / n_pos, np.nan)
+
+
+def _average_precision(t: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """AP in [0, 1] of every column of checked targets t (N, C) bool and scores s (N, C); NaN without positive."""
+    return _ranked_average_precision(_ranking(t, s))
+
+
+def rank_by_class(targets: ArrayLike, scores: ArrayLike) -> Ranking:
+    """Sort every class's items by score once, for many weighted AP evaluations (a bootstrap over items).
+
+    Args:
+        targets: (N, C) in {0, 1}.
+        scores: (N, C) finite real scores.
+
+    Raises:
+        ValueError: as :func:`average_precision_per_class`.
+    """
+    return _ranking(*_validate(targets, scores))
+
+
+def ranked_average_precision(ranking: Ranking, weights: np.ndarray | None = None) -> np.ndarray:
+    """Average precision of every class, in percent, with item i counted ``weights[i]`` times.
+
+    With integer weights this equals :func:`average_precision_per_class` of the items repeated that often (ties,
+    repeats included, form one threshold), without sorting again.
+
+    Args:
+        ranking: from :func:`rank_by_class`.
+        weights: (N,) non-negative item weights; None counts every item once.
+
+    Returns:
+        (C,) float64 in [0, 100]; NaN for a class without a positive of positive weight.
+    """
+    return 100.0 * _ranked_average_precision(ranking, weights)
 
 
 def average_precision_per_class(targets: ArrayLike, scores: ArrayLike) -> np.ndarray:

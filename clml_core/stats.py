@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as scipy_stats
 
-from clml_core.metrics import average_precision_per_class
+from clml_core.metrics import rank_by_class, ranked_average_precision
 
 
 @dataclass(frozen=True)
@@ -139,15 +139,17 @@ def bootstrap_map_difference(
             f"{labels.shape}, {np.shape(scores_treated)} and {np.shape(scores_control)}"
         )
 
-    def difference(rows: np.ndarray) -> float:
-        ap_a = average_precision_per_class(labels[rows], scores_treated[rows])
-        ap_b = average_precision_per_class(labels[rows], scores_control[rows])
-        return float(np.nanmean(ap_a - ap_b))  # the same classes are defined on both sides
+    treated, control = rank_by_class(labels, scores_treated), rank_by_class(labels, scores_control)  # sorted once
+
+    def difference(weights: np.ndarray | None) -> float:
+        ap_t, ap_c = ranked_average_precision(treated, weights), ranked_average_precision(control, weights)
+        return float(np.nanmean(ap_t - ap_c))  # the same classes are defined on both sides
 
     n = len(labels)
-    estimate = difference(np.arange(n))
+    estimate = difference(None)
     rng = np.random.default_rng(seed)
-    draws = np.array([difference(rng.integers(0, n, n)) for _ in range(n_resamples)])
+    # A resample of N images with replacement, as how often each image is drawn.
+    draws = np.array([difference(np.bincount(rng.integers(0, n, n), minlength=n)) for _ in range(n_resamples)])
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(draws, [alpha, 1.0 - alpha])
     return Interval(estimate, float(low), float(high), n, "bootstrap", confidence)

@@ -53,6 +53,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ABLATION_PROTOCOL": "40% left",
         "LAMS": [0.3],
         "TAUS": [0.8],
+        "BOOTSTRAP_RESAMPLES": 200,
         "PROCESSES": 1,
         "OVERRIDES": {"data": {"limit_train": 128}, "optim": {"epochs": 1}},
     },
@@ -68,6 +69,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ABLATION_PROTOCOL": "40% left",
         "LAMS": [0.01, 0.03, 0.1, 0.3, 3.0, 10.0],  # with the preset's 1.0: log-spaced from 0.01 to 10
         "TAUS": [0.5, 0.7, 0.8],
+        "BOOTSTRAP_RESAMPLES": 1000,  # used only where a comparison has a single seed
         "PROCESSES": 2,
         "OVERRIDES": {},
     },
@@ -83,6 +85,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ABLATION_PROTOCOL": "40% left",
         "LAMS": [0.1, 0.3, 3.0, 10.0],
         "TAUS": [0.7],
+        "BOOTSTRAP_RESAMPLES": 500,  # one seed: every comparison bootstraps the test set (40000 COCO images)
         "PROCESSES": 1,
         "OVERRIDES": {},
     },

@@ -163,3 +163,18 @@ def test_threshold_metrics_bad_input() -> None:
         threshold_metrics(targets, np.array([[0.2, 0.1]]), threshold=1.5)
     with pytest.raises(ValueError, match="same shape"):
         threshold_metrics(targets, np.array([[0.2]]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ranked_average_precision_with_weights_equals_ap_of_repeated_items(seed):
+    from clml_core.metrics import rank_by_class, ranked_average_precision
+
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((40, 5)) < 0.3).astype(int)
+    scores = np.round(rng.random((40, 5)), 1)  # one decimal: many ties
+    weights = rng.integers(0, 3, 40)  # zeros drop an item, twos repeat it
+    ranking = rank_by_class(targets, scores)
+    repeated = np.repeat(np.arange(40), weights)
+    expected = average_precision_per_class(targets[repeated], scores[repeated])
+    np.testing.assert_allclose(ranked_average_precision(ranking, weights), expected, equal_nan=True)
+    np.testing.assert_allclose(ranked_average_precision(ranking), average_precision_per_class(targets, scores))
