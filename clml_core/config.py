@@ -28,17 +28,20 @@ class DataConfig:
     root: str = ""  # dataset root for coco / voc / nuswide
     train_split: str = ""  # e.g. train2014, trainval; "" = the dataset's default
     test_split: str = ""  # e.g. val2014, test; "" = the dataset's default
+    test_fraction: float = 0.0  # > 0: carve the test split from the training split instead (seeded by split_seed)
+    split_seed: int = 0  # seed of the test carve (fixed across runs so every run scores the same test images)
     synthetic_size: str = "default"  # size preset of the embedded benchmark: tiny | default
     synthetic_seed: int = 0  # the generated dataset's own seed (independent of the run seed)
     synthetic_image_size: int = 0  # side the benchmark is generated at (0: image_size); loaders resize to image_size
-    image_size: int = 32
+    image_size: int = 32  # 0 = the backbone's native input size (its preprocessing)
     protocol: str = "keep_fraction"  # full | keep_fraction | single_positive | file
     fraction: float = 0.4  # kept share of positives for keep_fraction
     observed_file: str = ""  # pinned observed training labels in the split-file format (protocol=file)
     protocol_seed: int = 0  # seed of the protocol draw (fixed across run seeds so seeds vary the training only)
     val_fraction: float = 0.1  # validation split carved from train
     val_labels: str = "observed"  # observed | full: which labels validation mAP uses for model selection
-    augment: str = "none"  # none | authors (RandAugment + Cutout, as in the authors' recipe)
+    augment: str = "none"  # none | authors (RandAugment + Cutout, as in the authors' recipe) | crop_flip
+    feature_views: int = 0  # model.train_mode=frozen: augmented views of each training image in the feature store
     packed_cache: bool = False  # decode real images once per split into a memory-mapped cache at image_size
     cache_format: str = "raw"  # raw (uint8 pixels, 3*S*S bytes an image) | jpeg (re-encoded: about a tenth of that)
     cache_quality: int = 90  # JPEG quality of a jpeg cache
@@ -55,6 +58,12 @@ class ModelConfig:
     weights: str | None = None  # None | imagenet | a torchvision weights name | a local .pth path
     widths: list[int] | None = None  # stage widths of smallcnn (None: the model's default)
     proj_dim: int | None = None  # optional projection head; CLML then acts on its output
+    classify_embeddings: bool = False  # the classifier reads the head's output (with a frozen backbone: the paper's
+    # coupling, the classifier sees the structure CLML imposes) instead of the pooled features
+    # end_to_end: everything trains | partial: the last trainable_stages backbone stages train | frozen: the backbone
+    # runs once per image (and augmented view) into a feature store; only the projection head and classifier train
+    train_mode: str = "end_to_end"
+    trainable_stages: int = 0  # train_mode=partial: backbone stages that train, counted from the output side
     channels_last: bool = False
     compile: bool = False
 
@@ -139,6 +148,53 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"arch": "smallcnn", "widths": [16, 32, 64, 128]},
         "clml": {"enabled": True},
         "optim": {"epochs": 6, "batch_size": 32, "lr": 2e-3},
+    },
+    # Real photos on a 2-core CPU (the `real` study profile): the VOC2007 trainval sample (996 photos, test and
+    # validation carved from it), ImageNet EfficientNet-Lite0 frozen, its features cached once with 4 augmented views;
+    # runs train the projection head (CLML acts on its output) and the classifier reading it.
+    "real": {
+        "name": "real",
+        "data": {
+            "dataset": "voc",
+            "image_size": 0,
+            "test_fraction": 0.3,
+            "val_fraction": 0.15,
+            "protocol": "single_positive",  # 1.40 labels per image: keep_fraction needs fraction >= 0.73 here
+            "augment": "crop_flip",
+            "feature_views": 4,
+        },
+        "model": {
+            "arch": "efficientnet_lite0",
+            "weights": "imagenet",
+            "train_mode": "frozen",
+            "proj_dim": 256,
+            "classify_embeddings": True,
+        },
+        "clml": {"enabled": True},
+        "optim": {"epochs": 20, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4},
+    },
+    # Fine-tuning showcase beside it: the last stages of EfficientNet-Lite0 train (stem and first three block stages
+    # frozen), on the same carved splits, channels_last (depthwise convolutions are much faster so on a CPU).
+    "real_partial": {
+        "name": "real_partial",
+        "data": {
+            "dataset": "voc",
+            "image_size": 0,
+            "test_fraction": 0.3,
+            "val_fraction": 0.15,
+            "protocol": "single_positive",
+            "augment": "crop_flip",
+            "packed_cache": True,
+        },
+        "model": {
+            "arch": "efficientnet_lite0",
+            "weights": "imagenet",
+            "train_mode": "partial",
+            "trainable_stages": 5,
+            "channels_last": True,
+        },
+        "clml": {"enabled": True},
+        "optim": {"epochs": 4, "batch_size": 32, "lr": 3e-4, "weight_decay": 1e-4},
     },
     # The authors' recipe: ResNet101 at 448 px, Adam 1e-4, OneCycle, weight decay 1e-4 off bias and norm layers,
     # EMA 0.9997, RandAugment + Cutout, a global batch of 64 (split over DDP ranks), 80 epochs, fp16 AMP. Needs a GPU
@@ -372,7 +428,8 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
         "data.synthetic_size": (data.synthetic_size, tuple(SYNTHETIC_SIZES)),
         "data.protocol": (data.protocol, ("full", "keep_fraction", "single_positive", "file")),
         "data.val_labels": (data.val_labels, ("observed", "full")),
-        "data.augment": (data.augment, ("none", "authors")),
+        "data.augment": (data.augment, ("none", "authors", "crop_flip")),
+        "model.train_mode": (model.train_mode, ("end_to_end", "partial", "frozen")),
         "data.cache_format": (data.cache_format, ("raw", "jpeg")),
         "data.decode": (data.decode, ("workers", "device")),
         "model.arch": (model.arch, ARCHS),
@@ -392,7 +449,10 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
         "data.synthetic_image_size": (data.synthetic_image_size, 0),
         "log_every": (config.log_every, 1),
         "data.synthetic_seed": (data.synthetic_seed, 0),
-        "data.image_size": (data.image_size, 8),
+        "data.image_size": (data.image_size, 0),
+        "data.split_seed": (data.split_seed, 0),
+        "data.feature_views": (data.feature_views, 0),
+        "model.trainable_stages": (model.trainable_stages, 0),
         "data.protocol_seed": (data.protocol_seed, 0),
         "data.workers": (data.workers, 0),
         "data.limit_train": (data.limit_train, 0),
@@ -417,6 +477,22 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
         fail("data.fraction", f"must be in (0, 1], got {data.fraction}")
     if not 0.0 < data.val_fraction < 1.0:
         fail("data.val_fraction", f"must be in (0, 1), got {data.val_fraction}")
+    if 0 < data.image_size < 8:
+        fail("data.image_size", f"must be 0 (the backbone's) or >= 8, got {data.image_size}")
+    if not 0.0 <= data.test_fraction < 1.0:
+        fail("data.test_fraction", f"must be in [0, 1), got {data.test_fraction}")
+    if data.feature_views and model.train_mode != "frozen":
+        fail("data.feature_views", "only used with model.train_mode=frozen")
+    if data.feature_views and data.augment == "none":
+        fail("data.feature_views", "the views are augmented; set data.augment")
+    if (model.train_mode == "partial") != (model.trainable_stages > 0):
+        fail(
+            "model.trainable_stages",
+            f"train_mode=partial needs trainable_stages >= 1 and only partial uses it (got {model.train_mode!r}, "
+            f"{model.trainable_stages})",
+        )
+    if model.train_mode == "frozen" and data.dataset == "synthetic":
+        fail("model.train_mode", "frozen needs a dataset of image files, not synthetic")
     if data.protocol == "file" and not data.observed_file:
         fail("data.observed_file", "required when data.protocol is 'file'")
     if data.dataset != "synthetic" and not data.root:
@@ -424,6 +500,8 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
     _check_contradictions(config)
     if model.widths is not None and (not model.widths or min(model.widths) < 1):
         fail("model.widths", f"must be a non-empty list of positive integers, got {model.widths}")
+    if model.classify_embeddings and model.proj_dim is None:
+        fail("model.classify_embeddings", "needs a projection head (model.proj_dim)")
     if model.proj_dim is not None and model.proj_dim < 1:
         fail("model.proj_dim", f"must be None or >= 1, got {model.proj_dim}")
     if not 0.0 < clml.tau < 1.0:

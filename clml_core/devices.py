@@ -7,6 +7,7 @@ from torch import Tensor
 
 from clml_core.config import TrainConfig
 from clml_core.data.dataset import decode_batch
+from clml_core.models import Preprocessing
 
 
 def select_device(name: str) -> torch.device:
@@ -19,17 +20,33 @@ def select_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def to_input(images: Tensor | list[Tensor], config: TrainConfig, device: torch.device) -> Tensor:
+def to_input(
+    images: Tensor | list[Tensor], config: TrainConfig, device: torch.device, preprocessing: Preprocessing | None = None
+) -> Tensor:
     """A batch (B, 3, H, W) on the device as float in [0, 1] (uint8 batches are converted here, and a list of JPEG
-    byte tensors from a jpeg cache with ``data.decode=device`` is decoded here, in one call)."""
+    byte tensors from a jpeg cache with ``data.decode=device`` is decoded here, in one call), normalised with the
+    backbone's ``preprocessing`` (mean, std) when given. Other inputs (cached (B, F) features) only move."""
     if isinstance(images, list):
         images = decode_batch(images, device)
     images = images.to(device, non_blocking=True)
+    if images.ndim != 4:
+        return images
     if images.dtype == torch.uint8:
         images = images.float().div_(255)
+    if preprocessing is not None:
+        images = normalize(images, preprocessing)
     if config.model.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
+
+
+def normalize(images: Tensor, preprocessing: Preprocessing) -> Tensor:
+    """(B, 3, H, W) float images in [0, 1] -> ``(images - mean) / std`` of the backbone (unchanged for identity)."""
+    if preprocessing.is_identity:
+        return images
+    mean = torch.tensor(preprocessing.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
 
 
 def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:

@@ -14,6 +14,15 @@ Resuming: the data order and every augmentation are functions of (seed, epoch, i
 model, optimiser, schedule, EMA, loss scaler, the epoch's running sums and the random states, so a resumed run, even
 one killed mid-epoch, ends with the same result as an uninterrupted one.
 
+Three training modes (``model.train_mode``), one engine: ``end_to_end`` trains every weight (the paper); ``partial``
+trains the last ``model.trainable_stages`` backbone stages and keeps the rest frozen (weights and BatchNorm
+statistics); ``frozen`` runs the backbone once per image and augmented view into a feature store
+(:mod:`clml_core.features`) and trains the projection head and the classifier on the cached features. Every
+checkpoint (``best.pt`` too) carries a ``model_spec`` (architecture, weights source, classes, head sizes,
+preprocessing), so ``python -m clml_core.evaluate RUN_DIR ...`` rebuilds the model from the run folder alone; in the
+frozen mode with given weights the checkpoints leave the unchanged backbone out and the spec says where its weights
+come from.
+
 Stopping: SIGTERM or SIGINT during training lets the current step finish (under DDP: the next step that logs, when
 the ranks agree), writes a checkpoint and raises :class:`RunInterrupted` (the command line exits with
 :data:`EXIT_INTERRUPTED`); a second SIGINT stops at once, with the previous checkpoint kept, while a repeated SIGTERM
@@ -51,13 +60,13 @@ from clml_core.config import OptimConfig, TrainConfig, config_diff, read_run_con
 from clml_core.correction import CorrectionQuality, correct_labels
 from clml_core.data import MultiLabelDataset, labels_checksum
 from clml_core.data.dataset import collate
-from clml_core.data.splits import build_splits
+from clml_core.data.splits import build_splits, image_size
 from clml_core.devices import autocast, select_device, to_input
-from clml_core.evaluate import eval_loader, predict
+from clml_core.evaluate import eval_loader, load_weights, model_spec, predict, score
 from clml_core.losses import CLMLLoss, make_base_loss
 from clml_core.losses.authors import AuthorsCLMLLoss
-from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
-from clml_core.models import MultiLabelNet, build_model, param_groups
+from clml_core.metrics import mean_average_precision
+from clml_core.models import FeatureHead, MultiLabelNet, build_model, param_groups
 from clml_core.runio import (
     atomic_torch_save,
     atomic_write_bytes,
@@ -187,7 +196,10 @@ def _build_model(config: TrainConfig, num_classes: int, device: torch.device) ->
         weights=config.model.weights,
         proj_dim=config.model.proj_dim,
         widths=config.model.widths,
+        classify_embeddings=config.model.classify_embeddings,
     )
+    mode = config.model.train_mode
+    model.freeze_backbone(0 if mode == "frozen" else config.model.trainable_stages if mode == "partial" else None)
     model = model.to(device)
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -359,12 +371,18 @@ class Trainer:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
         self.splits = build_splits(config)
-        num_classes = self.splits.train.num_classes
-        self.model = _build_model(config, num_classes, self.device)
-        self.net: nn.Module = self.model
+        classes = list(self.splits.train.classes)
+        self.model = _build_model(config, len(classes), self.device)
+        self.frozen = config.model.train_mode == "frozen"
+        if self.frozen:
+            from clml_core.features import feature_splits
+
+            self.splits = feature_splits(self.splits, self.model, config, self.device)
+        self.spec = model_spec(self.model, config, classes, image_size(config))
+        self.net: nn.Module = self._runnable(self.model)
         if dist_utils.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         if config.model.compile:
             self.net = torch.compile(self.net)
         optim = config.optim
@@ -411,14 +429,26 @@ class Trainer:
 
     # ---- checkpoints
 
+    def _runnable(self, model: MultiLabelNet) -> nn.Module:
+        """What a batch goes through: the network, or its head alone on cached features (frozen mode)."""
+        return FeatureHead(model) if self.frozen else model
+
+    def _model_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The weights a checkpoint keeps: all, or without the unchanged backbone when its weights have a source."""
+        state = model.state_dict()
+        if self.spec["backbone_in_checkpoint"]:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("backbone.")}
+
     def state_dict(self) -> dict[str, Any]:
         """The training checkpoint: plain tensors and values (see :mod:`clml_core.checkpoints`)."""
         return {
             "config": to_dict(self.config),
-            "model": self.model.state_dict(),
+            "model_spec": self.spec,
+            "model": self._model_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": self._model_state(self.ema) if self.ema is not None else None,
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
@@ -437,11 +467,11 @@ class Trainer:
         if state["config"] != to_dict(self.config):
             diff = "; ".join(config_diff(state["config"], to_dict(self.config)))
             raise ValueError(f"{path} was written by another configuration than this run's ({diff})")
-        self.model.load_state_dict(state["model"])
+        load_weights(self.model, state["model"], self.spec, str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            self.ema.load_state_dict(state["ema"], strict=self.spec["backbone_in_checkpoint"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.sums = _EpochSums.from_state_dict(state["sums"])
@@ -458,7 +488,7 @@ class Trainer:
 
     def _train_step(self, images: Tensor, observed: Tensor, index: Tensor) -> None:
         config, device = self.config, self.device
-        images = to_input(images, config, device)
+        images = to_input(images, config, device, self.model.preprocessing)
         observed = observed.to(device, non_blocking=True)
         clml = config.clml
         # Correction feeds the CLML groups, and the base loss too with correct_base (also without a CLML term).
@@ -589,12 +619,13 @@ class Trainer:
             if self.ema is not None:
                 candidates["ema"] = self.ema.module
             for variant, net in candidates.items():
-                pred = predict(net, val, config, self.device, loader=self.val_loader)
-                score = float(mean_average_precision(pred["observed"], pred["scores"]))
-                row["val_map" if variant == "model" else "val_map_ema"] = score
-                if score > self.best["val_map"]:
-                    self.best = {"val_map": score, "epoch": self.epoch, "variant": variant}
-                    atomic_torch_save(net.state_dict(), self.ckpt_dir / "best.pt")
+                pred = predict(self._runnable(net), val, config, self.device, loader=self.val_loader)
+                val_map = float(mean_average_precision(pred["observed"], pred["scores"]))
+                row["val_map" if variant == "model" else "val_map_ema"] = val_map
+                if val_map > self.best["val_map"]:
+                    self.best = {"val_map": val_map, "epoch": self.epoch, "variant": variant}
+                    best = {"model_spec": self.spec, "model": self._model_state(net)}
+                    atomic_torch_save(best, self.ckpt_dir / "best.pt")
             self.model.train()
         self.rows.append(row)
         if self.main:
@@ -715,17 +746,24 @@ class Trainer:
         if not self.main:
             return {}
         best_model = copy.deepcopy(self.model)
-        best_model.load_state_dict(torch.load(self.ckpt_dir / "best.pt", map_location=self.device, weights_only=True))
+        best = torch.load(self.ckpt_dir / "best.pt", map_location=self.device, weights_only=True)
+        load_weights(best_model, best["model"], self.spec, str(self.ckpt_dir / "best.pt"))
         test = self.splits.test
-        pred = predict(best_model, test, self.config, self.device, embeddings=self.config.save_embeddings)
-        per_class = average_precision_per_class(test.labels, pred["scores"])
+        pred = predict(
+            self._runnable(best_model), test, self.config, self.device, embeddings=self.config.save_embeddings
+        )
+        scored = score(test.labels, pred["scores"], test.classes)
         results = {
-            "test_map": mean_average_precision(test.labels, pred["scores"]),
+            "test_map": scored["map"],
+            "test_map_frequent": scored["map_frequent"],
+            "test_frequent_classes": scored["frequent_classes"],
+            "test_classes_scored": scored["n_classes_scored"],
             "best_val_map": self.best["val_map"],
             "best_epoch": self.best["epoch"],
             "best_variant": self.best["variant"],
-            "test_threshold_metrics": threshold_metrics(test.labels, pred["scores"], 0.5),
-            "test_ap_per_class": dict(zip(test.classes, per_class.tolist())),
+            "test_threshold_metrics": scored["threshold_metrics"],
+            "test_ap_per_class": scored["ap_per_class"],
+            "test_positives_per_class": scored["positives_per_class"],
             "final_corr_precision": self.rows[-1]["corr_precision"] if self.rows else math.nan,
             "final_corr_recall": self.rows[-1]["corr_recall"] if self.rows else math.nan,
             "train_seconds": sum(row["seconds"] for row in self.rows),
@@ -742,8 +780,8 @@ class Trainer:
             )
             atomic_write_bytes(self.out / "test_embeddings.npz", buffer.getvalue())
             # The last epoch's model on its own training images: the scores label correction last acted on.
-            train = self.splits.train
-            seen = predict(self.model, train, self.config, self.device)
+            train = self.splits.train.fixed_view() if self.frozen else self.splits.train
+            seen = predict(self._runnable(self.model), train, self.config, self.device)
             buffer = io.BytesIO()
             np.savez_compressed(
                 buffer,

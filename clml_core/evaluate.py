@@ -1,14 +1,43 @@
-"""Scoring a model on a dataset: sigmoid scores, observed labels and embeddings in row order."""
+"""Scoring a model on a dataset, and the command line that scores a finished run from its folder alone.
+
+    python -m clml_core.evaluate RUN_DIR --dataset voc --root ROOT --split test [--checkpoint best] [--out FILE]
+
+The run's checkpoint carries what rebuilds its model (``model_spec``: architecture, weights source, class names,
+head sizes, preprocessing, image size); its ``config.yaml`` gives how its splits were made. ``--split`` names
+
+* ``test`` / ``val`` / ``train``: the run's own split, made as the run made it but from ``--dataset``/``--root`` (the
+  official test split, or the carved one when the run carved its test split with ``data.test_fraction``);
+  validation and train are scored with their full labels;
+* any other name: that split of the dataset, whole (e.g. ``val2017`` of COCO, ``trainval`` of VOC).
+
+The results json holds mAP over the classes with a positive, mAP over the well-populated classes (at least
+``FREQUENT_MIN_POSITIVES`` positives), the AP of every class, the number of positives per class and
+CP/CR/CF1/OP/OR/OF1 at score 0.5.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
-from clml_core.config import TrainConfig
+from clml_core.config import TrainConfig, apply_updates, from_dict
 from clml_core.data.dataset import MultiLabelDataset, collate
-from clml_core.devices import autocast, to_input
+from clml_core.devices import autocast, select_device, to_input
+from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
+from clml_core.models import MultiLabelNet, Preprocessing, build_model
+from clml_core.runio import atomic_write_json
+
+#: A class is "well populated" in a scored split with at least this many positives (VOC2007 sample: car, cat,
+#: person, train and bus in a 30% test carve).
+FREQUENT_MIN_POSITIVES = 20
 
 
 def eval_loader(
@@ -41,12 +70,15 @@ def predict(
     """Sigmoid scores (N, C), observed labels (N, C) and optionally embeddings (N, E) of a dataset, in row order.
 
     Outputs stay on the device until the end (one host read, not one per batch). ``loader`` is an
-    :func:`eval_loader` of ``dataset`` to reuse; by default a new one is made.
+    :func:`eval_loader` of ``dataset`` to reuse; by default a new one is made. ``model`` is a :class:`MultiLabelNet`
+    fed images (normalised with its preprocessing here) or a :class:`~clml_core.models.FeatureHead` fed cached
+    features.
     """
     model.eval()
+    preprocessing = getattr(model, "preprocessing", None)
     scores, targets, embeds = [], [], []
     for images, observed, _ in eval_loader(dataset, config, device) if loader is None else loader:
-        images = to_input(images, config, device)
+        images = to_input(images, config, device, preprocessing)
         with autocast(config, device):
             out = model(images)
         scores.append(torch.sigmoid(out.logits.float()))
@@ -57,3 +89,178 @@ def predict(
     if embeddings:
         result["embeddings"] = torch.cat(embeds).cpu().numpy()
     return result
+
+
+def score(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Every number a results json reports about one scored split.
+
+    Args:
+        labels: (N, C) full 0/1 labels.
+        scores: (N, C) scores.
+        classes: the C class names.
+
+    Returns:
+        ``map`` (classes with a positive), ``map_frequent`` (classes with >= FREQUENT_MIN_POSITIVES positives; NaN
+        if none), ``frequent_classes``, ``n_classes_scored``, ``threshold_metrics`` (CP, CR, CF1, OP, OR, OF1 at
+        0.5), ``ap_per_class`` (NaN without a positive), ``positives_per_class`` and ``n_images``.
+    """
+    per_class = average_precision_per_class(labels, scores)
+    positives = np.asarray(labels).sum(axis=0).astype(int)
+    frequent = positives >= FREQUENT_MIN_POSITIVES
+    return {
+        "map": mean_average_precision(labels, scores),
+        "map_frequent": float(per_class[frequent].mean()) if frequent.any() else float("nan"),
+        "frequent_classes": [name for name, keep in zip(classes, frequent) if keep],
+        "n_classes_scored": int((positives > 0).sum()),
+        "threshold_metrics": threshold_metrics(labels, scores, 0.5),
+        "ap_per_class": dict(zip(classes, per_class.tolist())),
+        "positives_per_class": dict(zip(classes, positives.tolist())),
+        "n_images": int(len(labels)),
+    }
+
+
+def model_spec(model: MultiLabelNet, config: TrainConfig, classes: Sequence[str], image_size: int) -> dict[str, Any]:
+    """What rebuilds a run's model, as plain values (a checkpoint entry, loadable with ``weights_only=True``).
+
+    ``backbone_in_checkpoint`` is False for the frozen-features mode with given weights: the checkpoint then holds
+    the head and the classifier only, and the backbone comes from ``weights`` again (a random backbone, weights
+    None, cannot be rebuilt that way and stays in the checkpoint).
+    """
+    return {
+        "arch": config.model.arch,
+        "weights": config.model.weights,
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "proj_dim": config.model.proj_dim,
+        "classify_embeddings": config.model.classify_embeddings,
+        "widths": None if config.model.widths is None else list(config.model.widths),
+        "num_features": model.num_features,
+        "embed_dim": model.embed_dim,
+        "preprocessing": model.preprocessing.as_dict(),
+        "image_size": int(image_size),
+        "train_mode": config.model.train_mode,
+        "backbone_in_checkpoint": config.model.train_mode != "frozen" or config.model.weights is None,
+    }
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[MultiLabelNet, dict[str, Any]]:
+    """Rebuild a run's model from a checkpoint written by the engine (``best.pt`` or ``last.pt``).
+
+    Returns:
+        The model in eval mode and its ``model_spec``.
+
+    Raises:
+        ValueError: the file has no ``model_spec`` (written by an older version) or its weights do not fit.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or "model_spec" not in state:
+        raise ValueError(f"{path}: no 'model_spec' entry; this checkpoint cannot rebuild its model")
+    spec = state["model_spec"]
+    model = build_model(
+        spec["arch"],
+        spec["num_classes"],
+        weights=None if spec["backbone_in_checkpoint"] else spec["weights"],
+        proj_dim=spec["proj_dim"],
+        widths=spec["widths"],
+        classify_embeddings=spec["classify_embeddings"],
+    )
+    if model.preprocessing != Preprocessing.from_dict(spec["preprocessing"]):
+        raise ValueError(
+            f"{path}: the preprocessing of {spec['arch']} changed since this run ({spec['preprocessing']})"
+        )
+    load_weights(model, state["model"], spec, str(path))
+    return model.to(device).eval(), spec
+
+
+def load_weights(model: MultiLabelNet, weights: dict[str, torch.Tensor], spec: dict[str, Any], where: str) -> None:
+    """Load a checkpoint's model weights; without the backbone (frozen mode) only backbone keys may be missing."""
+    result = model.load_state_dict(weights, strict=spec["backbone_in_checkpoint"])
+    if not spec["backbone_in_checkpoint"]:
+        missing = [key for key in result.missing_keys if not key.startswith("backbone.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{where}: weights do not fit (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+            )
+
+
+def _split(config: TrainConfig, split: str) -> MultiLabelDataset:
+    from clml_core.data.splits import build_splits
+
+    if split in ("train", "val", "test"):
+        splits = build_splits(config)
+        return getattr(splits, split)
+    splits = build_splits(apply_updates(config, {"data": {"test_split": split, "test_fraction": 0.0}}))
+    return splits.test
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    dataset: str,
+    root: str,
+    split: str,
+    *,
+    checkpoint: str = "best",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Score a run's checkpoint on a dataset split (see the module docstring); returns the results dict."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; is {run_dir} a run folder?")
+    config = from_dict(yaml.safe_load(config_path.read_text()))
+    model, spec = load_model(run_dir / "checkpoints" / f"{checkpoint}.pt", select_device(device))
+    data = {"dataset": dataset, "root": root, "limit_train": 0, "packed_cache": False, "image_size": spec["image_size"]}
+    if split in ("train", "val"):
+        data["val_labels"] = "full"
+    config = apply_updates(config, {"data": data, "progress": False, "device": device})
+    scored = _split(config, split)
+    if scored.classes != spec["classes"]:
+        raise ValueError(
+            f"{dataset} at {root} has classes {scored.classes[:4]}... but the run was trained on "
+            f"{spec['classes'][:4]}... ({len(spec['classes'])} classes)"
+        )
+    pred = predict(model, scored, config, next(model.parameters()).device)
+    return {
+        "run": str(run_dir),
+        "checkpoint": checkpoint,
+        "dataset": dataset,
+        "root": str(root),
+        "split": split,
+        **score(scored.labels, pred["scores"], scored.classes),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m clml_core.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", help="a finished run folder (config.yaml, checkpoints/)")
+    parser.add_argument("--dataset", required=True, choices=("coco", "voc", "nuswide"))
+    parser.add_argument("--root", required=True, help="the dataset root")
+    parser.add_argument("--split", default="test", help="test | val | train (the run's splits) or a dataset split")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--out", default=None, help="results json (default: RUN_DIR/eval_<dataset>_<split>.json)")
+    args = parser.parse_args(argv)
+    results = evaluate_run(
+        args.run_dir, args.dataset, args.root, args.split, checkpoint=args.checkpoint, device=args.device
+    )
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{args.dataset}_{args.split}.json"
+    atomic_write_json(out, results)
+    print(
+        f"{args.dataset} {args.split}: mAP {results['map']:.2f} over {results['n_classes_scored']} classes, "
+        f"{results['map_frequent']:.2f} over {len(results['frequent_classes'])} well-populated ones "
+        f"({results['n_images']} images) -> {out}"
+    )
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

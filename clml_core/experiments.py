@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -236,17 +237,28 @@ def _run_one(args: tuple[RunSpec, str, bool]) -> str:
 
 
 def _prepare_data(specs: Sequence[RunSpec]) -> None:
-    """Generate or load each distinct dataset once, before worker processes would race to create it."""
+    """Generate or load each distinct dataset (and feature store) once, before worker processes would race to
+    create it."""
     from clml_core.data.splits import build_splits
 
     seen = set()
     for spec in specs:
-        data = spec.config().data
+        config = spec.config()
+        data, model = config.data, config.model
         side = data.synthetic_image_size or data.image_size
         key = (data.dataset, data.root, data.synthetic_size, data.synthetic_seed, side)
+        frozen = model.train_mode == "frozen"
+        if frozen:  # one store per backbone and augmentation (a random backbone depends on the seed)
+            key += (model.arch, model.weights, data.augment, data.feature_views, model.weights or config.seed)
         if key not in seen:
             seen.add(key)
-            build_splits(spec.config())
+            splits = build_splits(config)
+            if frozen:
+                from clml_core.engine import _build_model
+                from clml_core.features import feature_splits
+
+                torch.manual_seed(config.seed)
+                feature_splits(splits, _build_model(config, splits.train.num_classes, torch.device("cpu")), config)
 
 
 def run_specs(specs: Iterable[RunSpec], root: str | Path, processes: int = 2, force: bool = False) -> Path:

@@ -4,7 +4,9 @@ The CLML term acts on ``ModelOutput.embeddings``. By default these are the backb
 ResNet101, as in the paper) and the classifier reads the same tensor, so the low-rank structure CLML imposes is the
 structure the classifier sees. With ``proj_dim`` set, a SimCLR-style head (Linear-BN-ReLU-Linear) maps the pooled
 features to the embeddings; the classifier still reads the pooled features, so the logits have the same form in both
-variants and the head only shapes the space the regulariser acts on (an ablation, not the paper's method).
+variants and the head only shapes the space the regulariser acts on (an ablation, not the paper's method). With
+``classify_embeddings`` the classifier reads the head's output instead: on a frozen backbone the head is then the
+trainable part of the features, so the structure CLML imposes is again the structure the classifier sees.
 
 Weights are always an explicit argument: ``None`` (random initialisation, what the tests use), ``"imagenet"``, a
 torchvision weights enum name such as ``"IMAGENET1K_V2"``, or a local path to a state dict. Nothing downloads unless
@@ -188,6 +190,8 @@ class MultiLabelNet(nn.Module):
         proj_dim: None for embeddings = pooled features (the paper); else the output size of a projection head.
         proj_hidden_dim: hidden size of the projection head; None uses ``num_features``.
         preprocessing: what the backbone expects of its input (default: [0, 1] images, no normalisation).
+        classify_embeddings: the classifier reads the embeddings (the head's output) instead of the pooled
+            features; needs ``proj_dim``.
     """
 
     def __init__(
@@ -198,6 +202,7 @@ class MultiLabelNet(nn.Module):
         proj_dim: int | None = None,
         proj_hidden_dim: int | None = None,
         preprocessing: Preprocessing | None = None,
+        classify_embeddings: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("num_features", num_features), ("num_classes", num_classes)):
@@ -206,6 +211,8 @@ class MultiLabelNet(nn.Module):
         for name, value in (("proj_dim", proj_dim), ("proj_hidden_dim", proj_hidden_dim)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"MultiLabelNet: {name} must be None or a positive int, got {value!r}")
+        if proj_dim is None and classify_embeddings:
+            raise ValueError("MultiLabelNet: classify_embeddings needs a projection head (proj_dim)")
         if proj_dim is None and proj_hidden_dim is not None:
             raise ValueError("MultiLabelNet: proj_hidden_dim is set but proj_dim is None (no projection head)")
         self.backbone = backbone
@@ -214,7 +221,8 @@ class MultiLabelNet(nn.Module):
             None if proj_dim is None else ProjectionHead(num_features, proj_hidden_dim or num_features, proj_dim)
         )
         self.embed_dim = num_features if proj_dim is None else proj_dim
-        self.classifier = nn.Linear(num_features, num_classes)
+        self.classify_embeddings = classify_embeddings
+        self.classifier = nn.Linear(self.embed_dim if classify_embeddings else num_features, num_classes)
         self.preprocessing = preprocessing or Preprocessing()
         self.frozen_stages = 0  # leading backbone stages kept frozen (see freeze_backbone)
 
@@ -225,7 +233,8 @@ class MultiLabelNet(nn.Module):
     def forward_head(self, features: Tensor) -> ModelOutput:
         """(B, num_features) pooled features -> logits (B, C) and embeddings (B, embed_dim)."""
         embeddings = features if self.head is None else self.head(features)
-        return ModelOutput(logits=self.classifier(features), embeddings=embeddings)
+        logits = self.classifier(embeddings if self.classify_embeddings else features)
+        return ModelOutput(logits=logits, embeddings=embeddings)
 
     def forward(self, x: Tensor) -> ModelOutput:
         """(B, 3, H, W) images -> logits (B, C) and embeddings (B, embed_dim)."""
@@ -452,6 +461,7 @@ def build_model(
     proj_dim: int | None = None,
     proj_hidden_dim: int | None = None,
     widths: Sequence[int] | None = None,
+    classify_embeddings: bool = False,
 ) -> MultiLabelNet:
     """Build a :class:`MultiLabelNet`.
 
@@ -469,6 +479,7 @@ def build_model(
         proj_dim: None for embeddings = pooled features; else the size of a projection head's output.
         proj_hidden_dim: hidden size of the projection head (default: num_features).
         widths: stage widths of "smallcnn" (default (32, 64, 128, 256)); not allowed for the ResNets.
+        classify_embeddings: the classifier reads the projection head's output (needs ``proj_dim``).
 
     Returns:
         The model; ``num_features`` is 2048 for resnet50/101, 512 for resnet18 and ``widths[-1]`` for smallcnn.
@@ -510,4 +521,5 @@ def build_model(
         proj_dim=proj_dim,
         proj_hidden_dim=proj_hidden_dim,
         preprocessing=preprocessing_for(arch),
+        classify_embeddings=classify_embeddings,
     )

@@ -73,6 +73,44 @@ PROFILES: dict[str, dict[str, Any]] = {
         "PROCESSES": 2,
         "OVERRIDES": {},
     },
+    # Real photos, ImageNet EfficientNet-Lite0 frozen (features cached once), on a 2-core CPU:
+    # python -m clml_core.study --profile real -p DATA_ROOT=/path/to/voc2007 (the folder holding VOCdevkit/)
+    "real": {
+        "SMOKE": False,
+        "PRESET": "real",
+        "DATASET": "voc",
+        "SEED": 0,
+        "SEEDS": [0, 1, 2, 3, 4],
+        "LOSSES": _LOSSES,
+        # VOC2007 has 1.40 labels per image: keeping 40% of the positives is impossible when every image keeps one.
+        "PROTOCOLS": ["full labels", "75% left", "single positive"],
+        "PROTOCOL": "single positive",
+        "ABLATION_LOSS": "bce",
+        "ABLATION_PROTOCOL": "single positive",
+        "LAMS": [0.3, 3.0],
+        "TAUS": [0.8],
+        "PROCESSES": 2,
+        "OVERRIDES": {},
+    },
+    # The fine-tuning showcase beside it (partial fine-tuning, fewer runs): the one run of 01_train, e.g.
+    # python -m clml_core.study --profile real_partial --only 01_train -p DATA_ROOT=... -p CLML=false (and =true)
+    "real_partial": {
+        "SMOKE": False,
+        "PRESET": "real_partial",
+        "DATASET": "voc",
+        "SEED": 0,
+        "SEEDS": [0, 1],
+        "LOSSES": ["bce"],
+        "PROTOCOLS": ["single positive"],
+        "PROTOCOL": "single positive",
+        "LOSS": "bce",
+        "ABLATION_LOSS": "bce",
+        "ABLATION_PROTOCOL": "single positive",
+        "LAMS": [],
+        "TAUS": [],
+        "PROCESSES": 1,
+        "OVERRIDES": {},
+    },
     "paper": {
         "SMOKE": False,
         "PRESET": "paper",

@@ -359,3 +359,16 @@ def test_feature_head_equals_the_whole_network() -> None:
         head = FeatureHead(model)(model.forward_features(x))
     torch.testing.assert_close(head.logits, whole.logits, rtol=0, atol=0)
     torch.testing.assert_close(head.embeddings, whole.embeddings, rtol=0, atol=0)
+
+
+def test_the_classifier_can_read_the_embeddings() -> None:
+    """classify_embeddings: logits come from the head's output, so a term on the embeddings reaches the logits."""
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 3, widths=(8, 16), proj_dim=4, classify_embeddings=True).eval()
+    assert model.classifier.in_features == 4
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out.logits, model.classifier(out.embeddings), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="classify_embeddings needs a projection head"):
+        build_model("smallcnn", 3, classify_embeddings=True)

@@ -9,7 +9,9 @@ on PIL images. Here the same steps run on the uint8 (3, H, W) tensors that :clas
 pixel, clipped at the border, filled with one uniformly random colour, applied to every image), and
 RandAugment is torchvision's (2 ops, magnitude 9), which is what ``RandAugment()`` means in torchvision; the
 ASL repository imports a third-party RandAugment whose op list and magnitudes differ slightly. Like the
-authors, we do not normalise by default; ``normalize=True`` adds the ImageNet mean/std.
+authors, we do not normalise by default; ``normalize=True`` adds the ImageNet mean/std. Training and evaluation
+normalise on the device instead, with the backbone's own mean and std (``clml_core.devices.to_input`` asks the
+model's :class:`~clml_core.models.Preprocessing`).
 
 Randomness comes from torch's global generator only (``torch.rand``/``torch.randint`` inside every random
 step), so ``torch.manual_seed(s)`` before a call repeats it exactly. In a DataLoader each worker process
@@ -108,12 +110,46 @@ def train_transform(
     return v2.Compose(steps + _to_float(normalize, to_float))
 
 
-def eval_transform(size: int, *, normalize: bool = False, to_float: bool = True) -> v2.Compose:
+def _interpolation(name: str) -> v2.InterpolationMode:
+    try:
+        return v2.InterpolationMode(name)
+    except ValueError:
+        valid = [mode.value for mode in v2.InterpolationMode]
+        raise ValueError(f"unknown interpolation {name!r}; valid: {valid}") from None
+
+
+def eval_transform(
+    size: int, *, normalize: bool = False, to_float: bool = True, interpolation: str = "bilinear"
+) -> v2.Compose:
     """Deterministic evaluation transform: Resize((size, size)) -> float32 in [0, 1] (-> normalisation).
 
     Args:
         size: Output side in pixels.
         normalize: Subtract the ImageNet mean and divide by its std after scaling to [0, 1].
+        to_float: End with the float32 conversion; False keeps uint8 (see :func:`train_transform`).
+        interpolation: torchvision interpolation name (the backbone's, e.g. "bicubic" for EfficientNet-Lite).
+
+    Returns:
+        A callable mapping a (3, H, W) uint8 tensor to a (3, size, size) float32 (or uint8) tensor.
+    """
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    resize = v2.Resize((size, size), interpolation=_interpolation(interpolation), antialias=True)
+    return v2.Compose([resize, *_to_float(normalize, to_float)])
+
+
+def crop_flip_transform(
+    size: int, *, interpolation: str = "bilinear", min_scale: float = 0.5, to_float: bool = True
+) -> v2.Compose:
+    """The standard light augmentation for pretrained backbones on photos.
+
+    RandomResizedCrop(size, scale=(min_scale, 1)) -> RandomHorizontalFlip -> float32 in [0, 1]. A crop keeps at
+    least ``min_scale`` of the image area, so small objects (and their labels) mostly survive.
+
+    Args:
+        size: Output side in pixels.
+        interpolation: torchvision interpolation name.
+        min_scale: Smallest kept share of the image area, in (0, 1].
         to_float: End with the float32 conversion; False keeps uint8 (see :func:`train_transform`).
 
     Returns:
@@ -121,4 +157,7 @@ def eval_transform(size: int, *, normalize: bool = False, to_float: bool = True)
     """
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
-    return v2.Compose([v2.Resize((size, size), antialias=True), *_to_float(normalize, to_float)])
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+    crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=_interpolation(interpolation))
+    return v2.Compose([crop, v2.RandomHorizontalFlip(), *_to_float(False, to_float)])

@@ -1,0 +1,252 @@
+"""The feature store of the frozen-features mode: a frozen backbone run once per image and augmented view.
+
+With ``model.train_mode=frozen`` the backbone never changes, so its pooled features are computed once and cached on
+disk, and a run trains only the projection head (which CLML acts on) and the classifier, in seconds. This is the
+linear-probe harness of Cole et al. (single-positive multi-label learning) with K augmented views per image.
+
+A store covers every image of a run (train, validation and test, in sorted path order) and holds, per image,
+view 0 (the evaluation transform: resize) and views 1..K (``data.augment`` drawn under a seed that depends only on
+the view and the image's path), as float32 (N, 1 + K, F) in ``<cache>/features/<key>.npy`` with a json sidecar.
+The key hashes everything the features depend on: the backbone's weights (their bytes), its preprocessing, the
+image size, the augmentation, K, and every image path with its file size and modification time. Runs that differ
+only in seeds, losses or protocols therefore share one store, and a study computes it once.
+
+Training images then draw one of their K views per epoch (under the engine's per-item seed), or view 0 when K = 0;
+validation and test read view 0, which is exactly what the whole network computes on the resized image.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from clml_core.data.dataset import MultiLabelDataset, read_image
+from clml_core.devices import normalize
+from clml_core.models import MultiLabelNet
+from clml_core.runio import atomic_write_bytes, atomic_write_json
+
+STORE_VERSION = 1
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Rows of a feature store with a dataset's labels: ``dataset[i]`` is ``(features (F,), observed (C,), i)``.
+
+    It has the surface the engine uses of a :class:`MultiLabelDataset` (``labels``, ``observed``, ``classes``,
+    ``num_classes``, ``len``).
+
+    Args:
+        source: the image dataset whose rows these are (labels, observed labels, classes).
+        features: (N, 1 + K, F) float32 features of the source's rows: view 0 (resized image) and K augmented views.
+        random_view: draw one of the K augmented views uniformly from the global torch generator per item
+            (training; the engine seeds it per epoch and item); False, or K = 0, reads view 0.
+    """
+
+    def __init__(self, source: MultiLabelDataset, features: np.ndarray, random_view: bool) -> None:
+        if features.ndim != 3 or features.shape[0] != len(source):
+            raise ValueError(f"features must be (N={len(source)}, V, F), got {features.shape}")
+        self.features = features
+        self.labels = source.labels
+        self.observed = source.observed
+        self.classes = source.classes
+        self.name = source.name
+        self.random_view = random_view
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def fixed_view(self) -> FeatureDataset:
+        """The same rows reading view 0 (scoring the training images as the test images are scored)."""
+        new = copy.copy(self)
+        new.random_view = False
+        return new
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        augmented = self.features.shape[1] - 1
+        view = 1 + int(torch.randint(augmented, ())) if self.random_view and augmented else 0
+        return (
+            torch.from_numpy(self.features[index, view]),
+            torch.from_numpy(self.observed[index].astype(np.float32)),
+            index,
+        )
+
+
+def _view_seed(view: int, path: str, seed: int) -> int:
+    return (seed * 1_000_003 + view) * 4_294_967_311 + zlib.crc32(path.encode())
+
+
+class _Views(torch.utils.data.Dataset):
+    """Image ``i`` of ``paths`` under ``transform``, seeded by (view, path): a view never depends on batching."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Tensor], Tensor], view: int, seed: int) -> None:
+        self.paths, self.transform, self.view, self.seed = list(paths), transform, view, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        path = self.paths[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_view_seed(self.view, str(path), self.seed) % (2**63))
+            return self.transform(read_image(path))
+
+
+def store_key(
+    model: MultiLabelNet,
+    paths: Sequence[Path],
+    settings: dict,
+) -> str:
+    """SHA-256 (first 20 hex digits) of the backbone's weights, the settings and every image file's identity."""
+    digest = hashlib.sha256(f"clml-feature-store v{STORE_VERSION}\n".encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps(model.preprocessing.as_dict(), sort_keys=True).encode())
+    for name, tensor in model.backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"image file not found: {path}") from err
+        digest.update(f"{os.fspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def build_store(
+    model: MultiLabelNet,
+    paths: Sequence[Path],
+    eval_transform: Callable[[Tensor], Tensor],
+    train_transform: Callable[[Tensor], Tensor] | None,
+    views: int,
+    folder: Path,
+    settings: dict,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    workers: int = 0,
+    channels_last: bool = True,
+    progress: bool = True,
+) -> tuple[np.ndarray, Path]:
+    """Compute (or load) the features of ``paths``: view 0 under ``eval_transform``, views 1..K augmented.
+
+    Args:
+        model: the network whose backbone (in eval mode, preprocessing applied) makes the features.
+        paths: the image files, in the store's row order.
+        eval_transform / train_transform: uint8 (3, H, W) -> float (3, S, S) in [0, 1]; train_transform may be
+            None only when ``views`` is 0.
+        views: K augmented views per image.
+        folder: where stores live.
+        settings: what else the features depend on (image size, augmentation name, seed, ...), part of the key;
+            ``settings["seed"]`` seeds the views.
+
+    Returns:
+        The (N, 1 + K, F) float32 array (memory-mapped read-only when it was on disk) and its file.
+    """
+    if views and train_transform is None:
+        raise ValueError("build_store: augmented views need a train_transform")
+    paths = [Path(p) for p in paths]
+    key = store_key(model, paths, {**settings, "views": views})
+    path = Path(folder) / f"{key}.npy"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return np.load(path, mmap_mode="r"), path
+    backbone = model.backbone
+    was_training = backbone.training
+    backbone.eval().to(device)
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    out = np.empty((len(paths), 1 + views, model.num_features), dtype=np.float32)
+    total = len(paths) * (1 + views)
+    bar = tqdm(total=total, desc=f"feature store {key}", disable=not progress, leave=False)
+    seed = int(settings.get("seed", 0))
+    for view in range(1 + views):
+        items = _Views(paths, eval_transform if view == 0 else train_transform, view, seed)
+        loader = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=workers)
+        row = 0
+        for images in loader:
+            images = normalize(images.to(device), model.preprocessing).contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format
+            )
+            out[row : row + len(images), view] = backbone(images).float().cpu().numpy()
+            row += len(images)
+            bar.update(len(images))
+    bar.close()
+    backbone.train(was_training)
+    if channels_last:
+        backbone.to(memory_format=torch.contiguous_format)
+    buffer = _npy_bytes(out)
+    atomic_write_bytes(path, buffer)
+    atomic_write_json(
+        path.with_suffix(".json"),
+        {"key": key, "shape": list(out.shape), "settings": {**settings, "views": views}, "n_images": len(paths)},
+    )
+    return out, path
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    handle = io.BytesIO()
+    np.save(handle, array)
+    return handle.getvalue()
+
+
+def feature_splits(splits, model: MultiLabelNet, config, device: torch.device | str = "cpu"):
+    """The run's splits as :class:`FeatureDataset` rows of one shared feature store (built here if missing).
+
+    Args:
+        splits: the run's image splits (:func:`clml_core.data.splits.build_splits`); their images must be files.
+        model: the network whose frozen backbone makes the features.
+        config: the run's configuration (image size, ``data.augment``, ``data.feature_views``, cache folder).
+
+    Returns:
+        ``Splits`` of FeatureDatasets: train draws among views 1..K (view 0 when K = 0), val and test read view 0.
+    """
+    from clml_core.data.splits import Splits, image_size, train_transform_for
+    from clml_core.data.transforms import eval_transform
+    from clml_core.paths import DATA_DIR
+
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    for name, dataset in parts.items():
+        if dataset.image_paths is None:
+            raise ValueError(f"model.train_mode=frozen: the {name} split has no image files to compute features of")
+    paths = sorted({path for dataset in parts.values() for path in dataset.image_paths})
+    data = config.data
+    size = image_size(config)
+    interpolation = model.preprocessing.interpolation
+    settings = {"image_size": size, "augment": data.augment, "seed": 0}
+    store, _ = build_store(
+        model,
+        paths,
+        eval_transform(size, interpolation=interpolation),
+        train_transform_for(config, model.preprocessing, to_float=True) if data.feature_views else None,
+        data.feature_views,
+        (Path(data.cache_dir) if data.cache_dir else DATA_DIR / "cache") / "features",
+        settings,
+        device=device,
+        workers=data.workers,
+        progress=config.progress,
+    )
+    row = {path: i for i, path in enumerate(paths)}
+
+    def rows(dataset: MultiLabelDataset, views: slice, random_view: bool) -> FeatureDataset:
+        index = np.array([row[path] for path in dataset.image_paths], dtype=np.int64)
+        return FeatureDataset(dataset, np.ascontiguousarray(store[index][:, views]), random_view)
+
+    return Splits(
+        train=rows(splits.train, slice(None), True),
+        val=rows(splits.val, slice(0, 1), False),
+        test=rows(splits.test, slice(0, 1), False),
+    )
