@@ -211,9 +211,10 @@ def decode_batch(images: torch.Tensor | list[torch.Tensor], device: torch.device
 
 def collate(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor | list, torch.Tensor, ...]:
     """Stack a batch of ``(image, observed, index)`` items; JPEG byte items (see
-    :meth:`MultiLabelDataset.with_encoded_items`) stay a list of 1-D tensors for :func:`decode_batch`."""
+    :meth:`MultiLabelDataset.with_encoded_items`) stay a list of 1-D uint8 tensors for :func:`decode_batch`; cached
+    float features (see :mod:`clml_core.features`) are stacked."""
     images, observed, index = zip(*batch)
-    if images[0].ndim == 1:
+    if images[0].ndim == 1 and images[0].dtype == torch.uint8:
         return list(images), torch.stack(observed), torch.as_tensor(index)
     return torch.utils.data.default_collate(batch)
 
