@@ -1,6 +1,6 @@
 """Forward + backward time of CLMLLoss against the per-class SVD loop, run in the same process.
 
-    python benchmarks/bench_clml_loss.py [--device cpu|cuda] [--repeats 50] [--rounds 5]
+    python benchmarks/bench_clml_loss.py [--device cpu|cuda] [--repeats 30] [--rounds 5] [--threads 1 --clock cpu]
     python benchmarks/bench_clml_loss.py --shape 64 2048 80 --runs 20   # one shape, its spread over 20 runs
     python benchmarks/bench_clml_loss.py --labels coco --coco-annotations instances_train2014.json
 
@@ -14,7 +14,8 @@ D in {512, 2048}, C in {20, 80} and three label distributions, and the loop / CL
 - ``single``: the single-positive protocol, one positive label per row drawn from the COCO-like frequencies.
 
 The two are timed in alternating rounds and the ratio is the median of the per-round ratios, so that a drift in the
-machine's speed (common on shared virtual machines) does not land on one side only. With ``--runs N`` each cell is
+machine's speed (common on shared virtual machines) does not land on one side only; on a machine busy with other
+work, ``--threads 1 --clock cpu`` times this thread's CPU time instead of wall time. With ``--runs N`` each cell is
 timed N times and a last line gives the median, lowest and highest ratio. On CUDA, ``--eigh host|device`` chooses
 where CLMLLoss runs its small ``eigh`` calls (see :class:`clml_core.losses.CLMLLoss`).
 """
@@ -25,6 +26,7 @@ import argparse
 import itertools
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -81,10 +83,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "D", "C"), help="time this shape only")
     parser.add_argument("--runs", type=int, default=1, help="times each cell is timed")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a loaded machine)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: this thread's CPU time (needs --threads 1)"
+    )
     args = parser.parse_args()
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1 on the CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(args.seed)
     profile = coco_frequencies(args.coco_annotations) if args.coco_annotations else COCO_LIKE
@@ -92,7 +100,8 @@ def main() -> None:
     shapes = [tuple(args.shape)] if args.shape else list(itertools.product((32, 64, 128), (512, 2048), (20, 80)))
 
     print(
-        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, float32 fwd+bwd, "
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, {args.clock} clock, "
+        "float32 fwd+bwd, "
         f"eigh {loss_fn.eigh}, coco profile {args.coco_annotations or 'COCO_LIKE'}"
     )
     print("| labels | B | D | C | largest group | CLMLLoss ms | per-class loop ms | ratio |")
@@ -112,7 +121,7 @@ def main() -> None:
 
         largest = int(labels.sum(0).max())
         for _ in range(args.runs):
-            t = paired_seconds(ours, loop, device, args.repeats, args.rounds)
+            t = paired_seconds(ours, loop, device, args.repeats, args.rounds, clock)
             print(
                 f"| {kind} | {batch} | {dim} | {classes} | {largest} | {1e3 * t.a:.2f} | {1e3 * t.b:.2f} "
                 f"| {t.ratio:.1f}x |",

@@ -15,22 +15,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _times(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> list[float]:
+def _times(
+    step: Callable[[], None], device: torch.device, repeats: int, warmup: int, clock: Callable[[], float]
+) -> list[float]:
     for _ in range(warmup):
         step()
     times = []
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         step()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
 def median_seconds(step: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> float:
     """Median wall time of ``step`` in seconds after ``warmup`` calls, synchronising the GPU around each call."""
-    return statistics.median(_times(step, device, repeats, warmup))
+    return statistics.median(_times(step, device, repeats, warmup, time.perf_counter))
 
 
 class Paired(NamedTuple):
@@ -42,18 +44,25 @@ class Paired(NamedTuple):
 
 
 def paired_seconds(
-    a: Callable[[], None], b: Callable[[], None], device: torch.device, repeats: int, rounds: int = 5
+    a: Callable[[], None],
+    b: Callable[[], None],
+    device: torch.device,
+    repeats: int,
+    rounds: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Paired:
     """Time ``a`` and ``b`` in ``rounds`` alternating rounds of about ``repeats / rounds`` calls each.
 
     The speed of a shared machine drifts over seconds; alternating the two steps lets a drift hit both, and the
-    ratio is taken within each round before the median over rounds.
+    ratio is taken within each round before the median over rounds. ``clock`` is wall time by default;
+    ``time.thread_time`` counts only this thread's CPU time (with one torch thread: all the work, without the time
+    other processes hold the CPU).
     """
     per_round = max(1, -(-repeats // rounds))
     times_a, times_b, ratios = [], [], []
     for _ in range(rounds):
-        round_a = _times(a, device, per_round, warmup=2)
-        round_b = _times(b, device, per_round, warmup=2)
+        round_a = _times(a, device, per_round, 2, clock)
+        round_b = _times(b, device, per_round, 2, clock)
         times_a += round_a
         times_b += round_b
         ratios.append(statistics.median(round_b) / statistics.median(round_a))

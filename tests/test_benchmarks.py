@@ -18,13 +18,21 @@ from bench_clml_loss import COCO_LIKE, coco_frequencies, draw_labels  # noqa: E4
 
 def test_bench_clml_loss_prints_rows_and_the_spread():
     command = [sys.executable, "benchmarks/bench_clml_loss.py", "--shape", "8", "16", "4", "--runs", "2"]
-    result = subprocess.run(command + ["--repeats", "2", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True)
+    options = ["--repeats", "2", "--rounds", "1", "--threads", "1", "--clock", "cpu"]
+    result = subprocess.run(command + options, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert "threads 1, cpu clock" in result.stdout
     for kind in ("uniform", "coco", "single"):
         row = rf"^\| {kind} \| 8 \| 16 \| 4 \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$"
         assert len(re.findall(row, result.stdout, flags=re.M)) == 2
         spread = rf"^{kind} B=8 D=16 C=4, 2 runs: ratio median [\d.]+x, lowest [\d.]+x, highest [\d.]+x$"
         assert re.search(spread, result.stdout, flags=re.M)
+
+
+def test_cpu_clock_needs_one_thread():
+    command = [sys.executable, "benchmarks/bench_clml_loss.py", "--clock", "cpu", "--threads", "2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "--clock cpu counts one thread's CPU time" in result.stderr
 
 
 def test_label_distributions_have_their_documented_statistics():
