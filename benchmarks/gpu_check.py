@@ -8,7 +8,9 @@ None) and prints one table, also written as JSON with ``--json FILE``:
 
 1. **CLML on the device**: CLMLLoss (value and embedding gradient) at B=64, D=2048, C=80 against an obvious CPU float64
    reference (a per-class ``svdvals`` loop), in float32, and on embeddings produced under bf16 and fp16 autocast.
-   If pytest and the repository's tests are there, the CUDA tests of ``tests/test_clml_loss.py`` run too.
+   If pytest and the repository's tests are there, the CUDA tests of ``tests/test_clml_loss.py`` run too. Then its
+   forward + backward time with the eigen-decompositions on the host (``eigh="host"``) and on the device, for the
+   uniform, COCO-like and single-positive labels of ``bench_clml_loss.py``: the faster should be the default.
 2. **The training step** (``bench_train.py``): images/s of the authors' plain fp32 step and of ours (channels_last +
    bf16, then + torch.compile) for ResNet101 at 448 px, batch 64, and the CLML term's share of our step.
    Targets: CLML under 2% of the step; ours + compile at least 2.5x the plain step.
@@ -35,7 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from bench_clml_loss import COCO_LIKE, LABELS, draw_labels  # noqa: E402
 from bench_train import bench  # noqa: E402
+from timing import paired_seconds  # noqa: E402
 
 from clml_core.config import resolve_config  # noqa: E402
 from clml_core.engine import train  # noqa: E402
@@ -90,6 +94,24 @@ def check_clml(device: torch.device, batch: int, dim: int, classes: int) -> None
         ok = math.isfinite(value_err) and value_err < tolerance and grad_err < max(tolerance, 1e-3)
         errors = f"{value_err:.1e} / {grad_err:.1e}"
         row(section, f"{name}: value / gradient rel. error", errors, f"< {tolerance:g}", ok)
+
+
+def check_clml_eigh(device: torch.device, batch: int, dim: int, classes: int, repeats: int) -> None:
+    """CLMLLoss forward + backward with its eigen-decompositions on the host against on the device, per label
+    distribution of ``benchmarks/bench_clml_loss.py`` (alternating rounds); the faster should be the default."""
+    section = "CLML eigh placement"
+    gen = torch.Generator().manual_seed(0)
+    host, on_device = CLMLLoss(check_values=False, eigh="host"), CLMLLoss(check_values=False, eigh="device")
+    for kind in LABELS:
+        z = torch.randn(batch, dim, generator=gen).to(device)
+        labels = draw_labels(kind, batch, classes, gen, COCO_LIKE).to(device)
+
+        def step(loss_fn: CLMLLoss, z: torch.Tensor = z, labels: torch.Tensor = labels) -> None:
+            loss_fn(z.detach().requires_grad_(), labels).backward()
+
+        t = paired_seconds(lambda: step(host), lambda: step(on_device), device, repeats)
+        result = f"host {1e3 * t.a:.2f} ms, device {1e3 * t.b:.2f} ms, device / host {t.ratio:.2f}"
+        row(section, f"{kind} labels, B={batch} D={dim} C={classes}", result)
 
 
 def run_cuda_tests() -> None:
@@ -190,10 +212,12 @@ def main() -> None:
     torch.manual_seed(0)
     if args.tiny:
         check_clml(device, 16, 32, 6)
+        check_clml_eigh(device, 16, 32, 6, repeats=2)
         check_step(device, "smallcnn", 32, 8, repeats=2, compile_=False)
         check_paper_run(device, True, args.kill_at or 10, args.epochs or 2, workers=0)
     else:
         check_clml(device, 64, 2048, 80)
+        check_clml_eigh(device, 64, 2048, 80, repeats=50)
         if device.type == "cuda":
             run_cuda_tests()
         check_step(device, "resnet101", 448, 64, repeats=10, compile_=not args.no_compile)

@@ -94,4 +94,6 @@ def test_gpu_check_runs_its_tiny_mode_on_the_cpu(tmp_path):
     assert checks[(paper, "train loss per epoch")]["status"] == "PASS"
     assert checks[(paper, "stopped after / resumed from")]["result"].startswith("10 steps / epoch 0 step 8")
     assert {"plain: images/s", "ours: images/s", "CLML share of the ours step"} <= {r["check"] for r in rows}
-    assert re.search(r"^9 rows, 0 failed, \d+ s on cpu$", result.stdout, flags=re.M)
+    eigh = [r["result"] for r in rows if r["section"] == "CLML eigh placement"]
+    assert len(eigh) == 3 and all(re.match(r"host [\d.]+ ms, device [\d.]+ ms, device / host [\d.]+$", e) for e in eigh)
+    assert re.search(r"^12 rows, 0 failed, \d+ s on cpu$", result.stdout, flags=re.M)
