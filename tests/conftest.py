@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-_SKIP = {".git", ".venv", ".pytest_cache", ".ruff_cache", "__pycache__"}
+_SKIP = {".git", ".venv", ".venv-lowest", ".pytest_cache", ".ruff_cache", "__pycache__"}
 if not os.environ.get("CLML_DATA_DIR"):
     _DATA_DIR = tempfile.mkdtemp(prefix="clml-test-data-")
     os.environ["CLML_DATA_DIR"] = _DATA_DIR
