@@ -130,6 +130,28 @@ def _spawn(worker, out_dir: Path) -> None:
                 pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
 
 
+def _first_worker(rank: int, out_dir: str) -> None:
+    """Each rank logs when it enters and leaves a rank_zero_first block; rank 0 dawdles inside."""
+    os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
+    distributed.setup_from_env("gloo")
+    log = Path(out_dir) / f"rank{rank}.txt"
+    try:
+        with distributed.rank_zero_first():
+            entered = time.time()
+            if rank == 0:
+                time.sleep(1.0)  # building the cache
+            log.write_text(f"{entered} {time.time()}")
+    finally:
+        distributed.cleanup()
+
+
+def test_rank_zero_first_runs_the_block_on_rank_zero_before_the_others(tmp_path: Path) -> None:
+    _spawn(_first_worker, tmp_path)
+    zero = [float(v) for v in (tmp_path / "rank0.txt").read_text().split()]
+    one = [float(v) for v in (tmp_path / "rank1.txt").read_text().split()]
+    assert one[0] >= zero[1]  # rank 1 entered only after rank 0 had left
+
+
 def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_message(tmp_path: Path) -> None:
     _spawn(_nan_worker, tmp_path)
     own, other = (tmp_path / "rank1.txt").read_text(), (tmp_path / "rank0.txt").read_text()
