@@ -1,7 +1,8 @@
 """The study's experiment grids, a resumable parallel runner, and the collection of their results.
 
 A run is named by its group, variant and seed and lives in ``root/group/variant/seed{seed}``. A run whose
-``results.json`` exists is skipped; an interrupted one is resumed (with its own configuration), so a study continues
+``results.json`` exists is skipped when its ``config.yaml`` is the one its spec resolves to (otherwise the study
+stops, naming the changed fields); an interrupted one is resumed (with its own configuration), so a study continues
 where it stopped. Runs go through :func:`clml_core.engine.train` in worker processes, one thread each.
 """
 
@@ -21,7 +22,15 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from clml_core.config import apply_updates, authors_overrides, resolve_config
+from clml_core.config import (
+    TrainConfig,
+    apply_updates,
+    authors_overrides,
+    config_diff,
+    read_run_config,
+    resolve_config,
+    to_dict,
+)
 from clml_core.runio import atomic_write_json
 
 #: Missing-label protocols of the main table, as config overrides of ``data``.
@@ -57,7 +66,9 @@ class RunSpec:
 
     def config(self):
         config = resolve_config(self.preset, overrides=self.overrides)
-        return apply_updates(config, {"seed": self.seed, "name": f"{self.group}/{self.variant}/s{self.seed}"})
+        # A name without "/" (config.name is validated): the group "main/40% left" reads "main 40% left".
+        name = f"{self.group.replace('/', ' ')}, {self.variant}, seed {self.seed}"
+        return apply_updates(config, {"seed": self.seed, "name": name})
 
 
 def _slug(text: str) -> str:
@@ -228,12 +239,34 @@ def _run_one(args: tuple[RunSpec, str, bool]) -> str:
         shutil.rmtree(folder)
     done = folder / "results.json"
     if not done.exists():
-        config = apply_updates(spec.config(), {"progress": False, "threads": 1})
-        train(config, folder, resume=True)  # starts the run, or continues it with the same configuration
+        train(_train_config(spec), folder, resume=True)  # starts the run, or continues it with the same configuration
     atomic_write_json(
         folder / "spec.json", {"group": spec.group, "variant": spec.variant, "seed": spec.seed, **spec.labels}
     )
     return spec.variant
+
+
+def _train_config(spec: RunSpec) -> TrainConfig:
+    """The configuration a worker trains ``spec`` with (one thread, no progress bar)."""
+    return apply_updates(spec.config(), {"progress": False, "threads": 1})
+
+
+def _check_finished(specs: Sequence[RunSpec], root: Path) -> None:
+    """A finished run is reused only when its folder's configuration is the one its spec resolves to now: a study
+    rerun after a change of preset or grid must not mix old runs into its tables."""
+    stale = []
+    for spec in specs:
+        folder = spec.folder(root)
+        if (folder / "results.json").exists():
+            saved = read_run_config(folder)
+            changed = config_diff(to_dict(saved), to_dict(_train_config(spec))) if saved else ["no config.yaml"]
+            if changed:
+                stale.append(f"{folder} ({'; '.join(changed[:3])})")
+    if stale:
+        raise ValueError(
+            f"{len(stale)} finished run(s) under {root} were trained with another configuration than the study asks "
+            f"for now, e.g. {stale[0]}; train into an empty run root (--run-root) or retrain them (--force)"
+        )
 
 
 def _prepare_data(specs: Sequence[RunSpec]) -> None:
@@ -265,6 +298,8 @@ def run_specs(specs: Iterable[RunSpec], root: str | Path, processes: int = 2, fo
     """Train every run that has no results yet (resuming interrupted ones), ``processes`` at a time."""
     specs = list(specs)
     root = Path(root)
+    if not force:
+        _check_finished(specs, root)
     todo = [s for s in specs if force or not (s.folder(root) / "results.json").exists()]
     tqdm.write(f"{len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to train in {root}")
     jobs = [(spec, str(root), force) for spec in specs]

@@ -8,7 +8,8 @@
 
 Executed notebooks go to ``runs/<profile>/notebooks/``, training runs to ``runs/<profile>/``, figures and tables
 to ``figures/`` for the default profile (``runs/<profile>/figures/`` otherwise). Training runs whose results exist
-are skipped unless ``--force``, so an interrupted study resumes where it stopped.
+are skipped unless ``--force``, so an interrupted study resumes where it stopped; a finished run trained with another
+configuration than the study now asks for (after a change of preset or grid) is an error, never reused.
 """
 
 from __future__ import annotations

@@ -79,3 +79,29 @@ def test_collect_frames_read_each_runs_saved_results(tmp_path):
         unobserved = int((scores["observed"] == 0).sum())
     clml_bins = bins[bins["clml"]]
     assert len(clml_bins) == 5 and int(clml_bins["missing"].sum() + clml_bins["negative"].sum()) == unobserved
+
+
+def test_a_finished_run_of_another_configuration_is_not_reused(tmp_path):
+    import pytest
+
+    from clml_core.experiments import RunSpec, run_specs
+
+    overrides = {"data": {"limit_train": 64}, "optim": {"epochs": 1}, "clml": {"lam": 1.0}}
+    spec = RunSpec("g", "v", 0, "smoke", overrides)
+    run_specs([spec], tmp_path, processes=1)
+    run_specs([spec], tmp_path, processes=1)  # the same configuration: reused, nothing trains
+    changed = RunSpec("g", "v", 0, "smoke", {**overrides, "clml": {"lam": 0.5}})  # same folder, another lambda
+    with pytest.raises(ValueError, match=r"1 finished run\(s\) .*clml\.lam: 1\.0 -> 0\.5.*--force"):
+        run_specs([changed], tmp_path, processes=1)
+
+
+def test_an_interrupted_study_run_is_resumed(tmp_path):
+    from clml_core.engine import train
+    from clml_core.experiments import RunSpec, _train_config, run_specs
+
+    spec = RunSpec("main/40% left", "bce", 0, "smoke", {"data": {"limit_train": 64}, "optim": {"epochs": 1}})
+    folder = spec.folder(tmp_path)
+    assert train(_train_config(spec), folder, max_steps=1) == {}  # stopped as a crash would leave it
+    assert not (folder / "results.json").exists()
+    run_specs([spec], tmp_path, processes=1)  # reads the folder's config.yaml back and continues
+    assert (folder / "results.json").exists()
