@@ -804,7 +804,7 @@ def _summary_writer(log_dir: Path, purge_step: int) -> Any:
             "config field 'tensorboard' is true but the tensorboard package is not installed; "
             "pip install -e '.[tensorboard]' (or pip install tensorboard)"
         ) from error
-    return SummaryWriter(str(log_dir), purge_step=purge_step or None)
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
 def _holds_run(out: Path) -> bool:

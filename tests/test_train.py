@@ -265,6 +265,18 @@ def test_tensorboard_logs_every_step_and_epoch_beside_metrics_csv(tmp_path):
     assert [e.step for e in events.Scalars("epoch/corr_recall")] == [2 * steps_per_epoch - 1]  # NaN at epoch 0
 
 
+def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    config = _config(tensorboard=True, log_every=1, checkpoint_every=2)
+    assert train(config, run, max_steps=5) == {}  # steps 0-4 logged, the last checkpoint after step 3
+    train(config, run, resume=True)  # continues from step 4: the first attempt's step 4 is dropped, then logged anew
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("step/loss")] == list(range(2 * (192 // 32)))
+
+
 def test_tensorboard_off_writes_no_event_files(finished_run):
     run, _ = finished_run
     assert not (run / "tensorboard").exists()
