@@ -189,9 +189,10 @@ def per_class_table(per_class: pd.DataFrame, frequency: Mapping[str, float], **c
     Returns:
         Columns ``class``, ``frequency``, ``AP without CLML_mean``/``_std``, ``AP with CLML_mean``/``_std``,
         ``diff``, ``diff_low``, ``diff_high``, ``CI excludes 0``, ``CI``, ``n seeds``; rows by decreasing frequency.
+        A class without a positive test image has no AP (NaN, see :mod:`clml_core.metrics`) and no row.
     """
     rows = []
-    for name, cell in per_class.groupby("class", sort=False):
+    for name, cell in per_class[per_class["ap"].notna()].groupby("class", sort=False):
         if name not in frequency:
             raise ValueError(f"per_class_table: no frequency for class {name!r}")
         base = cell[~cell["clml"].astype(bool)][["seed", "ap"]].rename(columns={"ap": "value"})

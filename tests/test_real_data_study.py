@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -44,12 +45,16 @@ def _labels(rng: np.random.Generator, n: int, c: int) -> np.ndarray:
     return labels
 
 
-def write_coco(root: Path, split: str, n: int, seed: int) -> np.ndarray:
+def write_coco(root: Path, split: str, n: int, seed: int, absent: int | None = None) -> np.ndarray:
     """``root/annotations/instances_{split}.json`` and ``root/{split}/*.jpg``; returns the (N, C) labels of the
-    annotated images. One extra image has no annotation (dropped on loading, as in the official files)."""
+    annotated images. One extra image has no annotation (dropped on loading, as in the official files); category
+    column ``absent`` has no instance in this split (as in small real samples such as coco128)."""
     rng = np.random.default_rng(seed)
     ids = sorted(COCO_CATEGORIES)
     labels = _labels(rng, n, len(ids))
+    if absent is not None:
+        labels[:, absent] = 0
+        labels[labels.sum(axis=1) == 0, (absent + 1) % len(ids)] = 1
     images, annotations = [], []
     for row in range(n + 1):
         name = f"{row:012d}.jpg"
@@ -136,7 +141,7 @@ def _check_runs(run_root: Path, dataset: str, root: Path, classes: list[str], te
 def test_paper_study_trains_every_notebook_on_the_coco_it_is_given(tmp_path):
     root = tmp_path / "coco"
     train_labels = write_coco(root, "train2017", 40, seed=1)
-    test_labels = write_coco(root, "val2017", 24, seed=2)
+    test_labels = write_coco(root, "val2017", 24, seed=2, absent=7)  # no test positive: AP undefined
     classes = [COCO_CATEGORIES[cid] for cid in sorted(COCO_CATEGORIES)]
     runs, figures = tmp_path / "runs", tmp_path / "figures"
     data = {"image_size": 64, "workers": 0, "cache_dir": str(tmp_path / "cache")}
@@ -162,6 +167,8 @@ def test_paper_study_trains_every_notebook_on_the_coco_it_is_given(tmp_path):
     assert statistics["statistics"]["full labels"]["n_images"] + 4 == len(train_labels)  # 10% carved for validation
     assert statistics["statistics"]["test (full labels)"]["n_images"] == len(test_labels)
     assert (figures / "main_table.md").is_file() and (figures / "embeddings.png").is_file()
+    per_class = pd.read_csv(figures / "per_class_table.csv")  # "brush" has no test positive, so no AP and no row
+    assert sorted(per_class["class"]) == sorted(classes[:7])
     # The packed JPEG cache holds each source split once, whatever the protocol: two stores, not one per carve.
     stores = sorted(p.name for p in (tmp_path / "cache").rglob("*.jpegs"))
     assert stores == ["train2017-64px-q90.jpegs", "val2017-64px-q90.jpegs"]
@@ -220,8 +227,6 @@ def test_the_paper_preset_resolves_to_the_named_dataset():
 
 
 def test_a_jpeg_cache_decoded_on_the_device_trains_exactly_as_decoded_in_the_workers(tmp_path):
-    import pandas as pd
-
     from clml_core.engine import train
 
     root = tmp_path / "coco"
@@ -244,3 +249,17 @@ def test_a_jpeg_cache_decoded_on_the_device_trains_exactly_as_decoded_in_the_wor
 def test_decoding_on_the_device_needs_a_jpeg_cache():
     with pytest.raises(ValueError, match="'data.decode' and 'data.packed_cache'/'data.cache_format' contradict"):
         resolve_config("paper", overrides={"data": {"root": "/x", "cache_format": "raw"}})
+
+
+def test_per_class_table_leaves_out_a_class_without_test_positives():
+    from clml_core.tables import per_class_table
+
+    runs = pd.DataFrame(
+        [
+            {"class": name, "clml": clml, "seed": 0, "ap": ap}
+            for name, aps in (("a", (50.0, 55.0)), ("b", (float("nan"), float("nan"))))
+            for clml, ap in zip((False, True), aps)
+        ]
+    )
+    table = per_class_table(runs, {"a": 0.5, "b": 0.1})
+    assert table["class"].tolist() == ["a"] and table.loc[0, "diff"] == 5.0
