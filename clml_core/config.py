@@ -58,6 +58,7 @@ class ModelConfig:
     weights: str | None = None  # None | imagenet | a torchvision weights name | a local .pth path
     widths: list[int] | None = None  # stage widths of smallcnn (None: the model's default)
     proj_dim: int | None = None  # optional projection head; CLML then acts on its output
+    proj_hidden_dim: int | None = None  # the head's hidden width (None: the backbone's num_features)
     classify_embeddings: bool = False  # the classifier reads the head's output (with a frozen backbone: the paper's
     # coupling, the classifier sees the structure CLML imposes) instead of the pooled features
     # end_to_end: everything trains | partial: the last trainable_stages backbone stages train | frozen: the backbone
@@ -168,10 +169,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "weights": "imagenet",
             "train_mode": "frozen",
             "proj_dim": 256,
+            "proj_hidden_dim": 256,
             "classify_embeddings": True,
         },
         "clml": {"enabled": True},
-        "optim": {"epochs": 20, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4},
+        "optim": {"epochs": 15, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4},
     },
     # Fine-tuning showcase beside it: the last stages of EfficientNet-Lite0 train (stem and first three block stages
     # frozen), on the same carved splits, channels_last (depthwise convolutions are much faster so on a CPU).
@@ -194,7 +196,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "channels_last": True,
         },
         "clml": {"enabled": True},
-        "optim": {"epochs": 4, "batch_size": 32, "lr": 3e-4, "weight_decay": 1e-4},
+        "optim": {"epochs": 3, "batch_size": 32, "lr": 3e-4, "weight_decay": 1e-4},
     },
     # The authors' recipe: ResNet101 at 448 px, Adam 1e-4, OneCycle, weight decay 1e-4 off bias and norm layers,
     # EMA 0.9997, RandAugment + Cutout, a global batch of 64 (split over DDP ranks), 80 epochs, fp16 AMP. Needs a GPU
@@ -502,6 +504,8 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
         fail("model.widths", f"must be a non-empty list of positive integers, got {model.widths}")
     if model.classify_embeddings and model.proj_dim is None:
         fail("model.classify_embeddings", "needs a projection head (model.proj_dim)")
+    if model.proj_hidden_dim is not None and (model.proj_dim is None or model.proj_hidden_dim < 1):
+        fail("model.proj_hidden_dim", f"needs model.proj_dim and must be >= 1, got {model.proj_hidden_dim}")
     if model.proj_dim is not None and model.proj_dim < 1:
         fail("model.proj_dim", f"must be None or >= 1, got {model.proj_dim}")
     if not 0.0 < clml.tau < 1.0:

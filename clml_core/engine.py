@@ -119,8 +119,12 @@ class _SeededItems(torch.utils.data.Dataset):
         epoch, index = key
         if not self.augment:
             return self.dataset[index]
+        item_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        seeded_item = getattr(self.dataset, "seeded_item", None)  # cached features draw their view from the seed
+        if seeded_item is not None:
+            return seeded_item(index, item_seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            torch.manual_seed(item_seed)
             return self.dataset[index]
 
 
@@ -195,6 +199,7 @@ def _build_model(config: TrainConfig, num_classes: int, device: torch.device) ->
         num_classes,
         weights=config.model.weights,
         proj_dim=config.model.proj_dim,
+        proj_hidden_dim=config.model.proj_hidden_dim,
         widths=config.model.widths,
         classify_embeddings=config.model.classify_embeddings,
     )
@@ -780,7 +785,7 @@ class Trainer:
             )
             atomic_write_bytes(self.out / "test_embeddings.npz", buffer.getvalue())
             # The last epoch's model on its own training images: the scores label correction last acted on.
-            train = self.splits.train.fixed_view() if self.frozen else self.splits.train
+            train = self.splits.train
             seen = predict(self._runnable(self.model), train, self.config, self.device)
             buffer = io.BytesIO()
             np.savez_compressed(

@@ -132,6 +132,7 @@ def model_spec(model: MultiLabelNet, config: TrainConfig, classes: Sequence[str]
         "num_classes": len(classes),
         "classes": list(classes),
         "proj_dim": config.model.proj_dim,
+        "proj_hidden_dim": config.model.proj_hidden_dim,
         "classify_embeddings": config.model.classify_embeddings,
         "widths": None if config.model.widths is None else list(config.model.widths),
         "num_features": model.num_features,
@@ -164,6 +165,7 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
         spec["num_classes"],
         weights=None if spec["backbone_in_checkpoint"] else spec["weights"],
         proj_dim=spec["proj_dim"],
+        proj_hidden_dim=spec["proj_hidden_dim"],
         widths=spec["widths"],
         classify_embeddings=spec["classify_embeddings"],
     )

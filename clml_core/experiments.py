@@ -343,6 +343,8 @@ def collect(root: str | Path, specs: Iterable[RunSpec] | None = None) -> pd.Data
                 "lam": config["clml"]["lam"],
                 "tau": config["clml"]["tau"],
                 "test_map": results["test_map"],
+                # mAP over the classes with >= clml_core.evaluate.FREQUENT_MIN_POSITIVES test positives (None before)
+                "test_map_frequent": results.get("test_map_frequent"),
                 "best_val_map": results["best_val_map"],
                 "best_epoch": results["best_epoch"],
                 "corr_precision": results.get("final_corr_precision"),

@@ -11,13 +11,13 @@ The key hashes everything the features depend on: the backbone's weights (their 
 image size, the augmentation, K, and every image path with its file size and modification time. Runs that differ
 only in seeds, losses or protocols therefore share one store, and a study computes it once.
 
-Training images then draw one of their K views per epoch (under the engine's per-item seed), or view 0 when K = 0;
-validation and test read view 0, which is exactly what the whole network computes on the resized image.
+Training images then draw one of their K views per epoch (a pure function of the engine's per-item seed, see
+:meth:`FeatureDataset.seeded_item`), or view 0 when K = 0; validation and test (and ``dataset[i]`` always) read view
+0, which is exactly what the whole network computes on the resized image.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -40,7 +40,8 @@ STORE_VERSION = 1
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Rows of a feature store with a dataset's labels: ``dataset[i]`` is ``(features (F,), observed (C,), i)``.
+    """Rows of a feature store with a dataset's labels: ``dataset[i]`` is ``(features (F,), observed (C,), i)`` of
+    view 0; :meth:`seeded_item` draws one of the K augmented views (training).
 
     It has the surface the engine uses of a :class:`MultiLabelDataset` (``labels``, ``observed``, ``classes``,
     ``num_classes``, ``len``).
@@ -48,11 +49,9 @@ class FeatureDataset(torch.utils.data.Dataset):
     Args:
         source: the image dataset whose rows these are (labels, observed labels, classes).
         features: (N, 1 + K, F) float32 features of the source's rows: view 0 (resized image) and K augmented views.
-        random_view: draw one of the K augmented views uniformly from the global torch generator per item
-            (training; the engine seeds it per epoch and item); False, or K = 0, reads view 0.
     """
 
-    def __init__(self, source: MultiLabelDataset, features: np.ndarray, random_view: bool) -> None:
+    def __init__(self, source: MultiLabelDataset, features: np.ndarray) -> None:
         if features.ndim != 3 or features.shape[0] != len(source):
             raise ValueError(f"features must be (N={len(source)}, V, F), got {features.shape}")
         self.features = features
@@ -60,7 +59,6 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.observed = source.observed
         self.classes = source.classes
         self.name = source.name
-        self.random_view = random_view
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -69,20 +67,29 @@ class FeatureDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def fixed_view(self) -> FeatureDataset:
-        """The same rows reading view 0 (scoring the training images as the test images are scored)."""
-        new = copy.copy(self)
-        new.random_view = False
-        return new
-
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        return self._item(index, 0)
+
+    def seeded_item(self, index: int, seed: int) -> tuple[Tensor, Tensor, int]:
+        """Item ``index`` with augmented view ``1 + mix(seed) % K`` (view 0 when K = 0): a pure function of the seed,
+        with no global random state touched (seeding torch per item costs milliseconds)."""
         augmented = self.features.shape[1] - 1
-        view = 1 + int(torch.randint(augmented, ())) if self.random_view and augmented else 0
+        return self._item(index, 1 + _mix(seed) % augmented if augmented else 0)
+
+    def _item(self, index: int, view: int) -> tuple[Tensor, Tensor, int]:
         return (
             torch.from_numpy(self.features[index, view]),
             torch.from_numpy(self.observed[index].astype(np.float32)),
             index,
         )
+
+
+def _mix(value: int) -> int:
+    """SplitMix64's finaliser: a well-spread 64-bit integer from any integer seed."""
+    z = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
 
 
 def _view_seed(view: int, path: str, seed: int) -> int:
@@ -241,12 +248,10 @@ def feature_splits(splits, model: MultiLabelNet, config, device: torch.device | 
     )
     row = {path: i for i, path in enumerate(paths)}
 
-    def rows(dataset: MultiLabelDataset, views: slice, random_view: bool) -> FeatureDataset:
+    def rows(dataset: MultiLabelDataset, views: slice) -> FeatureDataset:
         index = np.array([row[path] for path in dataset.image_paths], dtype=np.int64)
-        return FeatureDataset(dataset, np.ascontiguousarray(store[index][:, views]), random_view)
+        return FeatureDataset(dataset, np.ascontiguousarray(store[index][:, views]))
 
     return Splits(
-        train=rows(splits.train, slice(None), True),
-        val=rows(splits.val, slice(0, 1), False),
-        test=rows(splits.test, slice(0, 1), False),
+        train=rows(splits.train, slice(None)), val=rows(splits.val, slice(0, 1)), test=rows(splits.test, slice(0, 1))
     )

@@ -86,6 +86,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # VOC2007 has 1.40 labels per image: keeping 40% of the positives is impossible when every image keeps one.
         "PROTOCOLS": ["full labels", "75% left", "single positive"],
         "PROTOCOL": "single positive",
+        "SAMPLE_PROTOCOL": "single positive",
         "ABLATION_LOSS": "bce",
         "ABLATION_PROTOCOL": "single positive",
         "LAMS": [0.3, 3.0],
@@ -104,6 +105,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "LOSSES": ["bce"],
         "PROTOCOLS": ["single positive"],
         "PROTOCOL": "single positive",
+        "SAMPLE_PROTOCOL": "single positive",
         "LOSS": "bce",
         "ABLATION_LOSS": "bce",
         "ABLATION_PROTOCOL": "single positive",

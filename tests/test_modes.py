@@ -219,6 +219,7 @@ def test_end_to_end_trains_every_weight(voc_root: Path, tmp_path: Path) -> None:
         ({"model": {"train_mode": "sideways"}}, "model.train_mode"),
         ({"data": {"test_fraction": 1.0}}, "data.test_fraction"),
         ({"model": {"classify_embeddings": True}}, "needs a projection head"),
+        ({"model": {"proj_hidden_dim": 64}}, "model.proj_hidden_dim"),
     ],
 )
 def test_bad_mode_settings_name_the_field(overrides: dict, match: str) -> None:
@@ -240,3 +241,22 @@ def test_score_reports_the_well_populated_classes_against_sklearn() -> None:
     assert result["map"] == pytest.approx(np.mean(ap))
     assert result["map_frequent"] == pytest.approx(np.mean(ap[:2]))
     assert result["frequent_classes"] == ["a", "b"] and result["positives_per_class"] == {"a": 30, "b": 20, "c": 1}
+
+
+def test_feature_rows_draw_their_view_from_the_item_seed_alone() -> None:
+    from clml_core.data.dataset import MultiLabelDataset
+    from clml_core.features import FeatureDataset
+
+    source = MultiLabelDataset(["a", "b"], np.eye(2, dtype=int)[[0, 1, 0]], image_paths=["x.jpg", "y.jpg", "z.jpg"])
+    features = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)  # 3 images, view 0 + 3 augmented views
+    rows = FeatureDataset(source, features)
+    torch.testing.assert_close(rows[1][0], torch.from_numpy(features[1, 0]))  # plain indexing: view 0
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    drawn = [rows.seeded_item(2, seed)[0] for seed in range(300)]
+    assert torch.equal(torch.get_rng_state(), state)  # no global random state used
+    views = [int(np.flatnonzero((features[2] == d.numpy()).all(axis=1))[0]) for d in drawn]
+    assert set(views) == {1, 2, 3}  # augmented views only, all of them
+    assert all(torch.equal(rows.seeded_item(2, seed)[0], d) for seed, d in enumerate(drawn[:20]))  # reproducible
+    single = FeatureDataset(source, features[:, :1])
+    assert torch.equal(single.seeded_item(0, 5)[0], torch.from_numpy(features[0, 0]))  # K = 0: view 0
