@@ -28,7 +28,7 @@ import torch
 import yaml
 from torch import nn
 
-from clml_core.config import TrainConfig, apply_updates, from_dict
+from clml_core.config import TrainConfig, apply_updates, validate_config
 from clml_core.data.dataset import MultiLabelDataset, collate
 from clml_core.devices import autocast, select_device, to_input
 from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
@@ -212,12 +212,14 @@ def evaluate_run(
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; is {run_dir} a run folder?")
-    config = from_dict(yaml.safe_load(config_path.read_text()))
+    # The run's own configuration, validated once the scoring fields are in (its name plays no part here).
+    config = apply_updates(TrainConfig(), yaml.safe_load(config_path.read_text()), source=str(config_path))
     model, spec = load_model(run_dir / "checkpoints" / f"{checkpoint}.pt", select_device(device))
     data = {"dataset": dataset, "root": root, "limit_train": 0, "packed_cache": False, "image_size": spec["image_size"]}
     if split in ("train", "val"):
         data["val_labels"] = "full"
-    config = apply_updates(config, {"data": data, "progress": False, "device": device})
+    config = apply_updates(config, {"name": "evaluate", "data": data, "progress": False, "device": device})
+    validate_config(config, str(config_path))
     scored = _split(config, split)
     if scored.classes != spec["classes"]:
         raise ValueError(
