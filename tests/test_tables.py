@@ -133,6 +133,10 @@ def test_per_class_table_pairs_classes_by_seed():
     assert rare["AP without CLML_mean"] == 11.0 and rare["frequency"] == 0.05
     with pytest.raises(ValueError, match="no frequency"):
         tables.per_class_table(pd.DataFrame(rows), {"rare": 0.05})
+    # A class without a test positive (AP NaN in every run, as a rare VOC class in a small test split) has no row.
+    absent = [{"seed": seed, "clml": clml, "class": "absent", "ap": np.nan} for seed in range(3) for clml in (0, 1)]
+    table = tables.per_class_table(pd.DataFrame(rows + absent), {"rare": 0.05, "common": 0.6, "absent": 0.001})
+    assert table["class"].tolist() == ["common", "rare"]
 
 
 def test_epoch_summary_mean_and_band_per_epoch():
