@@ -37,6 +37,7 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -68,6 +69,7 @@ from clml_core.losses.authors import AuthorsCLMLLoss
 from clml_core.metrics import mean_average_precision
 from clml_core.models import FeatureHead, MultiLabelNet, build_model, param_groups
 from clml_core.runio import (
+    atomic_link,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
@@ -427,6 +429,7 @@ class Trainer:
         self.pending = _Pending(self.device)
         self.rows: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"val_map": -math.inf, "epoch": -1, "variant": None}
+        self.previous_best_epoch = -1  # the selection the checkpoint before the newest records
         # SIGTERM / SIGINT: the first sets stop_signal; while training, the run stops after the current step.
         self.stop_signal: int | None = None
         self.stage = "setup"  # setup | training | testing
@@ -466,6 +469,28 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.main:
             checkpoints.save(self.state_dict(), self.ckpt_dir)
+            self._publish_best()
+
+    def _best_path(self, epoch: int) -> Path:
+        return self.ckpt_dir / f"best-epoch{epoch}.pt"
+
+    def _publish_best(self) -> None:
+        """Point ``best.pt`` at the selected weights ``last.pt`` records; keep those ``previous.pt`` records too.
+
+        An evaluation writes improved weights as ``best-epoch{e}.pt``, published only once a checkpoint records the
+        selection. A run resumed from an earlier checkpoint replays the epoch; should the replay select otherwise (a
+        GPU replay need not be bitwise the same), the weights its checkpoint records are still there, and never
+        are another trajectory's weights found under ``best.pt``.
+        """
+        epoch = self.best["epoch"]
+        if epoch < 0:
+            return
+        atomic_link(self._best_path(epoch), self.ckpt_dir / "best.pt")
+        keep = {self._best_path(epoch), self._best_path(self.previous_best_epoch)}
+        for path in self.ckpt_dir.glob("best-epoch*.pt"):
+            if path not in keep:
+                path.unlink()
+        self.previous_best_epoch = epoch
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         """Continue from a checkpoint read by :func:`clml_core.checkpoints.read` (``path`` names it in errors)."""
@@ -481,6 +506,7 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.sums = _EpochSums.from_state_dict(state["sums"])
         self.rows, self.best = state["rows"], state["best"]
+        self.previous_best_epoch = self.best["epoch"]  # this checkpoint is the previous one after the next save
         _set_rng_state(state["rng"])
 
     def _last_checkpoint_text(self) -> str:
@@ -630,7 +656,7 @@ class Trainer:
                 if val_map > self.best["val_map"]:
                     self.best = {"val_map": val_map, "epoch": self.epoch, "variant": variant}
                     best = {"model_spec": self.spec, "model": self._model_state(net)}
-                    atomic_torch_save(best, self.ckpt_dir / "best.pt")
+                    atomic_torch_save(best, self._best_path(self.epoch))
             self.model.train()
         self.rows.append(row)
         if self.main:
@@ -751,8 +777,10 @@ class Trainer:
         if not self.main:
             return {}
         best_model = copy.deepcopy(self.model)
-        best = torch.load(self.ckpt_dir / "best.pt", map_location=self.device, weights_only=True)
-        load_weights(best_model, best["model"], self.spec, str(self.ckpt_dir / "best.pt"))
+        self._publish_best()
+        path = self._best_path(self.best["epoch"])
+        best = torch.load(path, map_location=self.device, weights_only=True)
+        load_weights(best_model, best["model"], self.spec, str(path))
         test = self.splits.test
         pred = predict(
             self._runnable(best_model), test, self.config, self.device, embeddings=self.config.save_embeddings
@@ -979,6 +1007,10 @@ def _train_locked(config: TrainConfig, out: Path, max_steps: int | None) -> dict
         latest = checkpoints.load_latest(trainer.ckpt_dir, map_location=trainer.device)
         if latest is not None:
             trainer.load_state_dict(*latest)
+            unreadable = trainer.ckpt_dir / checkpoints.LAST
+            if trainer.main and latest[1].name == checkpoints.PREVIOUS and unreadable.exists():
+                # Kept for inspection; the next checkpoint must not keep it as its previous one.
+                os.replace(unreadable, unreadable.with_name(checkpoints.LAST + ".unreadable"))
         if trainer.main:
             if not (out / "config.yaml").exists():
                 atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -86,6 +86,21 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, keep_previous: str | Pa
         raise
 
 
+def atomic_link(source: str | Path, path: str | Path) -> None:
+    """Make ``path`` name the file ``source`` names, atomically (a hard link; a copy where links are not possible)."""
+    source, path = Path(source), Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_write_bytes(path, source.read_bytes())
+        return
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # rename does nothing when both names already link one file
+
+
 def _write_new_file(path: Path, data: bytes) -> None:
     """Create ``path`` (0666 less the umask, not 0600 as mkstemp would) with ``data``, flushed to the disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

@@ -98,6 +98,30 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     assert_same_outcome(run, reference)
 
 
+def test_a_replay_that_selects_otherwise_keeps_the_weights_its_checkpoint_selected(tmp_path, monkeypatch):
+    """Epoch 1 was selected, then last.pt is lost; the replay of epoch 1 scores lower (as a GPU replay may): the run
+    must end with epoch 0's weights under best.pt, as results.json says, not the lost trajectory's epoch 1."""
+    run, config = tmp_path / "run", small(optim={"epochs": 3})
+    original = engine_module.mean_average_precision
+
+    def scripted(scores):
+        calls = iter(scores)
+        return lambda targets, predicted: next(calls, None) or original(targets, predicted)
+
+    monkeypatch.setattr(engine_module, "mean_average_precision", scripted([10.0, 20.0]))
+    train(config, run, max_steps=6)  # epochs 0 and 1 evaluated, epoch 1 selected; stopped at the start of epoch 2
+    epoch0_weights = checkpoints.read(run / "checkpoints" / "previous.pt")["model"]  # the model after epoch 0
+    (run / "checkpoints" / "last.pt").write_bytes(b"lost")
+    monkeypatch.setattr(engine_module, "mean_average_precision", scripted([5.0, 5.0]))
+    results = train(None, run, resume=True)
+    assert (results["best_epoch"], results["best_val_map"]) == (0, 10.0)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
+    for name, tensor in epoch0_weights.items():
+        torch.testing.assert_close(best[name], tensor, rtol=0, atol=0)
+    assert sorted(p.name for p in (run / "checkpoints").glob("best*")) == ["best-epoch0.pt", "best.pt"]
+    assert (run / "checkpoints" / "last.pt.unreadable").read_bytes() == b"lost"
+
+
 def test_no_readable_checkpoint_is_a_clear_error_and_changes_no_file(tmp_path):
     run = tmp_path / "run"
     train(small(checkpoint_every=1), run, max_steps=4)
