@@ -375,3 +375,10 @@ def test_cli_a_corrupt_image_read_by_a_loader_worker_is_one_line(tmp_path, capsy
     status, err = _cli(capsys, *loose)
     assert status == 2 and f"cannot decode image {bad}" in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+def test_cli_usage_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.run(["--preset", "nope", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "invalid choice: 'nope'" in err and len(err.strip().splitlines()) == 1, err
