@@ -198,10 +198,11 @@ def run_study(
     unknown = [name for name in names if name not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebook(s) {unknown}; valid: {', '.join(NOTEBOOKS)}")
-    run_root = Path(run_root) if run_root else RUNS_DIR / profile
+    # Absolute: the notebooks run with the notebooks folder as their working directory.
+    run_root = (Path(run_root) if run_root else RUNS_DIR / profile).resolve()
     if figures_dir is None:
         figures_dir = FIGURES_DIR if profile == "default" else run_root / "figures"
-    figures_dir = Path(figures_dir)
+    figures_dir = Path(figures_dir).resolve()
     executed = run_root / "notebooks"
     executed.mkdir(parents=True, exist_ok=True)
     params = notebook_parameters(profile, run_root, figures_dir, force, extra or {})

@@ -145,3 +145,15 @@ def test_figures_without_saved_runs_stop_before_any_notebook_naming_make_study(t
     with pytest.raises(FileNotFoundError, match=r"data/label_statistics.json \(written by 00_data\).*make study"):
         run_study("smoke", only=["04_paper_figures"], run_root=runs, figures_dir=tmp_path / "f", progress=False)
     assert not (runs / "notebooks" / "04_paper_figures.ipynb").exists()
+
+
+def test_a_relative_run_root_is_resolved_before_the_notebooks_change_directory(tmp_path, monkeypatch):
+    """The notebooks run in the notebooks folder: a relative --run-root must reach them as the caller meant it."""
+    import papermill
+
+    seen = {}
+    monkeypatch.setattr(papermill, "inspect_notebook", lambda path: {"RUN_ROOT": None, "FIGURES_DIR": None})
+    monkeypatch.setattr(papermill, "execute_notebook", lambda src, dst, parameters, **kwargs: seen.update(parameters))
+    monkeypatch.chdir(tmp_path)
+    run_study("smoke", only=["00_data"], run_root="rel/runs", figures_dir="rel/figures", progress=False)
+    assert seen == {"RUN_ROOT": str(tmp_path / "rel" / "runs"), "FIGURES_DIR": str(tmp_path / "rel" / "figures")}
