@@ -60,7 +60,7 @@ from clml_core import distributed as dist_utils
 from clml_core.config import OptimConfig, TrainConfig, config_diff, read_run_config, to_dict
 from clml_core.correction import CorrectionQuality, correct_labels
 from clml_core.data import MultiLabelDataset, labels_checksum
-from clml_core.data.dataset import collate
+from clml_core.data.dataset import collate, ignore_stop_signals, shutdown_workers
 from clml_core.data.splits import build_splits, image_size
 from clml_core.devices import autocast, select_device, to_input
 from clml_core.evaluate import eval_loader, load_weights, model_spec, predict, score
@@ -184,12 +184,6 @@ def _train_loader(dataset: MultiLabelDataset, config: TrainConfig, device: torch
         worker_init_fn=ignore_stop_signals,
         collate_fn=collate,
     )
-
-
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader workers leave SIGTERM and SIGINT to the main process, which stops the run cleanly."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -772,6 +766,12 @@ class Trainer:
             again = "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
             print(f"clml: {name}: finishing this step and writing a checkpoint{again}", file=sys.stderr, flush=True)
 
+    def close(self) -> None:
+        """Stop the loaders' persistent workers: they ignore SIGTERM (see ``ignore_stop_signals``), so the
+        interpreter's exit could not stop them, and would wait for them forever."""
+        shutdown_workers(self.loader)
+        shutdown_workers(self.val_loader)
+
     def finish(self) -> dict[str, Any]:
         """Score the selected weights on the test split once and write ``results.json`` (main process)."""
         if not self.main:
@@ -1004,18 +1004,27 @@ def _train_locked(config: TrainConfig, out: Path, max_steps: int | None) -> dict
     with _StopSignals() as signals:
         trainer = Trainer(config, out)
         signals.trainer = trainer
-        latest = checkpoints.load_latest(trainer.ckpt_dir, map_location=trainer.device)
-        if latest is not None:
-            trainer.load_state_dict(*latest)
-            unreadable = trainer.ckpt_dir / checkpoints.LAST
-            if trainer.main and latest[1].name == checkpoints.PREVIOUS and unreadable.exists():
-                # Kept for inspection; the next checkpoint must not keep it as its previous one.
-                os.replace(unreadable, unreadable.with_name(checkpoints.LAST + ".unreadable"))
-        if trainer.main:
-            if not (out / "config.yaml").exists():
-                atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
-            _write_run_info(trainer, latest[1] if latest else None)
-        trainer.stage = "training"
-        finished = trainer.fit(max_steps)
-        trainer.stage = "testing"
-        return trainer.finish() if finished else {}
+        try:
+            return _run(trainer, out, max_steps)
+        finally:
+            trainer.close()
+
+
+def _run(trainer: Trainer, out: Path, max_steps: int | None) -> dict[str, Any]:
+    """Continue ``trainer`` from its latest checkpoint in ``out`` to the end (or ``max_steps``) and score it."""
+    config = trainer.config
+    latest = checkpoints.load_latest(trainer.ckpt_dir, map_location=trainer.device)
+    if latest is not None:
+        trainer.load_state_dict(*latest)
+        unreadable = trainer.ckpt_dir / checkpoints.LAST
+        if trainer.main and latest[1].name == checkpoints.PREVIOUS and unreadable.exists():
+            # Kept for inspection; the next checkpoint must not keep it as its previous one.
+            os.replace(unreadable, unreadable.with_name(checkpoints.LAST + ".unreadable"))
+    if trainer.main:
+        if not (out / "config.yaml").exists():
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        _write_run_info(trainer, latest[1] if latest else None)
+    trainer.stage = "training"
+    finished = trainer.fit(max_steps)
+    trainer.stage = "testing"
+    return trainer.finish() if finished else {}

@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 
 from clml_core.config import TrainConfig, apply_updates, validate_config
-from clml_core.data.dataset import MultiLabelDataset, collate
+from clml_core.data.dataset import MultiLabelDataset, collate, ignore_stop_signals
 from clml_core.devices import autocast, select_device, to_input
 from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
 from clml_core.models import MultiLabelNet, Preprocessing, build_model
@@ -53,6 +53,7 @@ def eval_loader(
         num_workers=workers,
         pin_memory=device is not None and device.type == "cuda",
         persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals,
         collate_fn=collate,
     )
 

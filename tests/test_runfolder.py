@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import signal
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -375,6 +377,23 @@ def test_cli_a_corrupt_image_read_by_a_loader_worker_is_one_line(tmp_path, capsy
     status, err = _cli(capsys, *loose)
     assert status == 2 and f"cannot decode image {bad}" in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["finished", "corrupt-image"])
+def test_the_command_line_exits_with_loader_workers(tmp_path, write_image, corrupt):
+    """Loader workers ignore SIGTERM (the main process owns the stop), so the engine must shut them down itself:
+    otherwise the interpreter's exit waits for them forever (multiprocessing joins its children at exit)."""
+    if corrupt:
+        _coco_with_a_truncated_image(tmp_path, write_image)
+        args = [*COCO_ARGS, f"data.root={tmp_path}"]
+    else:
+        args = ["--preset", "smoke", "data.synthetic_size=tiny", "optim.epochs=1", "progress=false"]
+    argv = [sys.executable, "-m", "clml_core.train", *args, "data.workers=1", "optim.batch_size=4"]
+    try:
+        done = subprocess.run([*argv, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as error:
+        raise AssertionError("the command line did not exit: a loader worker outlived the run") from error
+    assert done.returncode == (2 if corrupt else 0), done.stderr[-2000:]
 
 
 def test_cli_usage_errors_are_one_line(tmp_path, capsys):

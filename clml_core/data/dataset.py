@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import mmap
 import operator
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -217,6 +218,23 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.
     if images[0].ndim == 1 and images[0].dtype == torch.uint8:
         return list(images), torch.stack(observed), torch.as_tensor(index)
     return torch.utils.data.default_collate(batch)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every loader: workers leave SIGTERM and SIGINT to the main process, which stops the run
+    cleanly (a scheduler signals the whole process group). Such workers must be stopped with
+    :func:`shutdown_workers`: the interpreter's own SIGTERM at exit no longer reaches them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def shutdown_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Stop the persistent workers of ``loader`` now (a no-op without workers); the loader starts new ones when it is
+    iterated again."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()  # the DataLoader's own shutdown: ask each worker to exit, then join it
+    loader._iterator = None
 
 
 class MultiLabelDataset(torch.utils.data.Dataset):
