@@ -803,27 +803,23 @@ class Trainer:
             "epochs": len(self.rows),
         }
         if self.config.save_embeddings:
-            buffer = io.BytesIO()
-            np.savez_compressed(
-                buffer,
+            _write_npz(
+                self.out / "test_embeddings.npz",
                 embeddings=pred["embeddings"],
                 scores=pred["scores"],
                 labels=test.labels,
                 classes=np.array(test.classes),
             )
-            atomic_write_bytes(self.out / "test_embeddings.npz", buffer.getvalue())
             # The last epoch's model on its own training images: the scores label correction last acted on.
             train = self.splits.train
             seen = predict(self._runnable(self.model), train, self.config, self.device)
-            buffer = io.BytesIO()
-            np.savez_compressed(
-                buffer,
+            _write_npz(
+                self.out / "train_scores.npz",
                 scores=seen["scores"],
                 observed=seen["observed"],
                 labels=train.labels,
                 classes=np.array(train.classes),
             )
-            atomic_write_bytes(self.out / "train_scores.npz", buffer.getvalue())
         atomic_write_json(self.out / "results.json", results)
         return results
 
@@ -842,6 +838,13 @@ def _summary_writer(log_dir: Path, purge_step: int) -> Any:
 
 def _holds_run(out: Path) -> bool:
     return any((out / name).exists() for name in ("config.yaml", "run_info.json", "results.json", checkpoints.FOLDER))
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``arrays`` as one compressed ``.npz`` file, written atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _run_config(out: Path, config: TrainConfig | None, resume: bool) -> TrainConfig:
