@@ -10,7 +10,7 @@ None) and prints one table, also written as JSON with ``--json FILE``:
    reference (a per-class ``svdvals`` loop), in float32, and on embeddings produced under bf16 and fp16 autocast.
    If pytest and the repository's tests are there, the CUDA tests of ``tests/test_clml_loss.py`` run too. Then its
    forward + backward time with the eigen-decompositions on the host (``eigh="host"``) and on the device, for the
-   uniform, COCO-like and single-positive labels of ``bench_clml_loss.py``: the faster should be the default.
+   uniform, COCO-2014 and single-positive labels of ``bench_clml_loss.py``: the faster should be the default.
 2. **The training step** (``bench_train.py``): images/s of the authors' plain fp32 step and of ours (channels_last +
    bf16, then + torch.compile) for ResNet101 at 448 px, batch 64, and the CLML term's share of our step.
    Targets: CLML under 2% of the step; ours + compile at least 2.5x the plain step.
@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_clml_loss import COCO_LIKE, LABELS, draw_labels  # noqa: E402
+from bench_clml_loss import COCO_2014, LABELS, draw_labels  # noqa: E402
 from bench_train import bench  # noqa: E402
 from timing import paired_seconds  # noqa: E402
 
@@ -104,7 +104,7 @@ def check_clml_eigh(device: torch.device, batch: int, dim: int, classes: int, re
     host, on_device = CLMLLoss(check_values=False, eigh="host"), CLMLLoss(check_values=False, eigh="device")
     for kind in LABELS:
         z = torch.randn(batch, dim, generator=gen).to(device)
-        labels = draw_labels(kind, batch, classes, gen, COCO_LIKE).to(device)
+        labels = draw_labels(kind, batch, classes, gen, COCO_2014).to(device)
 
         def step(loss_fn: CLMLLoss, z: torch.Tensor = z, labels: torch.Tensor = labels) -> None:
             loss_fn(z.detach().requires_grad_(), labels).backward()

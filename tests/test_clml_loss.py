@@ -355,3 +355,31 @@ def test_skewed_label_counts_across_size_buckets_match_the_loop():
     buckets, bucket_grad = _value_and_grad(lambda e, y: group_nuclear_norms(e, y).sum(), z, labels)
     torch.testing.assert_close(static, buckets, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(static_grad, bucket_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_calls_that_share_the_cpu_workspace_keep_their_own_gradients():
+    # The float64 copies of float32 embeddings live in a per-thread buffer on the CPU: graphs built before one
+    # backward, shapes that shrink and grow, and gradients kept across later calls must not see each other's data.
+    batches = [
+        _draw(batch, dim, 6, seed=20 + batch, dtype=torch.float32) for batch, dim in ((24, 40), (8, 16), (24, 40))
+    ]
+    leaves = [z.clone().requires_grad_() for z, _ in batches]
+    total = sum(CLMLLoss()(leaf, labels) for leaf, (_, labels) in zip(leaves, batches))
+    total.backward()
+    kept = [leaf.grad.clone() for leaf in leaves]
+    for leaf, (z, labels) in zip(leaves, batches):
+        _, ref_grad = _value_and_grad(clml_loss_reference, z.double(), labels)
+        torch.testing.assert_close(leaf.grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
+    _value_and_grad(CLMLLoss(), *_draw(40, 64, 6, seed=30, dtype=torch.float32))  # a larger call reallocates
+    assert all(torch.equal(leaf.grad, grad) for leaf, grad in zip(leaves, kept))
+
+
+def test_threads_computing_at_once_get_their_own_results():
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [_draw(32, 48, 8, seed=40 + i, dtype=torch.float32) for i in range(4)]
+    alone = [_value_and_grad(CLMLLoss(), z, labels) for z, labels in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda batch: _value_and_grad(CLMLLoss(), *batch), batches * 5))
+    for (value, grad), (ref_value, ref_grad) in zip(together, alone * 5):
+        assert torch.equal(value, ref_value) and torch.equal(grad, ref_grad)

@@ -13,7 +13,7 @@ the Gram of Z_k is the sub-matrix K[S_k, S_k] over the rows S_k of label k. The 
 their count (n up to the next power of two), since eigh costs grow fast with n; each bucket's sub-matrices are
 gathered in one indexing operation into a block (m, n, n) (members first, zero padding), n the bucket's largest
 count, and decomposed with batched ``eigh`` in float64, which converges where float32 ``eigh`` on zero-padded Gram
-matrices does not. Bucketing reads the counts on the host: free on a CPU; on CUDA ``torch.linalg.eigh`` synchronises
+matrices does not. Bucketing reads the labels on the host: free on a CPU; on CUDA ``torch.linalg.eigh`` synchronises
 with the host anyway (as PyTorch documents), and its batched solver is used only up to n = 32 (pytorch/pytorch#175585).
 There ``CLMLLoss(eigh="host")`` copies the (B, B) Gram matrix to the host for the decompositions and the (B, B)
 gradient of K back; ``"device"`` keeps them on the device (neither was timed: no GPU was available;
@@ -42,11 +42,12 @@ scaled by S as well. The authors' release ignores the incoming gradient, which d
 
 from __future__ import annotations
 
-import bisect
 import math
 import numbers
+import threading
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -76,50 +77,89 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
     """Index blocks of the label groups of ``members`` (C, B) bool.
 
     With ``group_size`` None the labels are sorted by count, those without rows are left out and the rest are
-    bucketed by count rounded up to a power of two (this reads the sorted counts on the host), each block as wide
-    as its largest label. Otherwise one block holds every label, padded to ``group_size``: static shapes, no host
-    read.
+    bucketed by count rounded up to a power of two, each block as wide as its largest label. This is bookkeeping on
+    a (C, B) bool matrix, done with NumPy on the host (a copy of the labels: a synchronisation on an accelerator,
+    where ``eigh`` synchronises anyway). Otherwise one block holds every label, padded to ``group_size``: static
+    shapes, no host read.
     """
     classes, batch = members.shape
-    rows = torch.where(members, torch.arange(batch, device=members.device), batch)  # (C, B): row i or padding B
     if group_size is not None:
         width = max(1, min(group_size, batch))
         if members.device.type == "cpu" and classes and int(members.sum(1).max()) > width:  # free to check on CPU
             raise ValueError(f"group_size {group_size} is smaller than the largest label count")
+        rows = torch.where(members, torch.arange(batch, device=members.device), batch)  # (C, B): row i or padding B
+        rows = rows.topk(width, largest=False).values  # (C, w): the label's rows first, then padding
+        pairs = rows[:, :, None] * (batch + 1) + rows[:, None, :]  # (C, w, w) flat positions in the padded K
         labels = torch.arange(classes, device=members.device)
-        spans = ((0, classes, width),)
-    else:
-        counts, labels = torch.sort(members.sum(1), stable=True)
-        counts = counts.tolist()
-        bounds = [bisect.bisect_right(counts, 0)]  # labels without rows are left out
-        while bounds[-1] < classes:  # one block per power of two from 2 on: at most log2(B) blocks
-            bounds.append(bisect.bisect_right(counts, max(2, 1 << (counts[bounds[-1]] - 1).bit_length())))
-        start = bounds[0]
-        spans = tuple((a - start, b - start, counts[b - 1]) for a, b in zip(bounds, bounds[1:]))
-        labels, rows = labels[start:], rows[labels[start:]]
-        width = max(1, counts[-1] if counts else 0)
-    rows = rows.topk(width, largest=False).values  # (C', w): the label's rows first, then padding
+        return _Groups(labels, pairs.view(-1), ((0, classes, width),))
+    held = members.cpu().numpy()
+    counts = held.sum(1)
+    labels = np.argsort(counts, kind="stable")
+    counts = counts[labels]
+    bounds = [int(np.searchsorted(counts, 0, side="right"))]  # labels without rows are left out
+    while bounds[-1] < classes:  # one block per power of two from 2 on: at most log2(B) blocks
+        top = max(2, 1 << (int(counts[bounds[-1]]) - 1).bit_length())
+        bounds.append(int(np.searchsorted(counts, top, side="right")))
+    start = bounds[0]
+    spans = tuple((a - start, b - start, int(counts[b - 1])) for a, b in zip(bounds, bounds[1:]))
+    labels = labels[start:]
+    held = held[labels]
+    order = np.argsort(~held, axis=1, kind="stable")[:, : max(1, counts[-1] if classes else 0)]  # rows first
+    rows = np.where(np.take_along_axis(held, order, 1), order, batch)  # (C', w): the label's rows, then padding B
     pairs = rows[:, :, None] * (batch + 1) + rows[:, None, :]  # (C', w, w) flat positions in the padded K
-    index = [pairs[a:b, :n, :n].reshape(-1) for a, b, n in spans]
-    return _Groups(labels, torch.cat(index) if index else pairs.view(-1), spans)
+    index = np.concatenate([pairs[a:b, :n, :n].reshape(-1) for a, b, n in spans] or [np.zeros(0, np.int64)])
+    device = members.device
+    return _Groups(torch.from_numpy(labels).to(device), torch.from_numpy(index).to(device), spans)
+
+
+class _Workspace(threading.local):
+    """Two float64 buffers per thread for the (B, D) float64 copies of the embeddings, reused on the CPU.
+
+    A fresh B x D float64 tensor per call costs more there than the products it feeds: glibc returns blocks of that
+    size to the system when they are freed and the next call page-faults them back in (about 600 minor faults, 0.9 of
+    2.9 ms per forward + backward at B = 64, D = 2048, ``benchmarks/bench_clml_loss.py``). A buffer is used within
+    one forward or one backward call, never across calls, and never returned. It keeps the largest size asked for.
+    On an accelerator the caching allocator reuses memory already, and this is not used.
+    """
+
+    def __init__(self) -> None:
+        self.buffers = [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+
+    def take(self, slot: int, rows: int, cols: int) -> Tensor:
+        if self.buffers[slot].numel() < rows * cols:
+            self.buffers[slot] = torch.empty(rows * cols, dtype=torch.float64)
+        return self.buffers[slot][: rows * cols].view(rows, cols)
+
+
+_WORKSPACE = _Workspace()
+
+
+def _float64(z: Tensor, slot: int) -> Tensor:
+    """``z`` in float64: itself, or a copy (in the CPU workspace's buffer ``slot``)."""
+    if z.dtype == torch.float64:
+        return z
+    if z.device.type != "cpu":
+        return z.double()
+    return _WORKSPACE.take(slot, *z.shape).copy_(z)
 
 
 def _norms_forward(z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
     """||Z||_* and the norms ||Z_k||_* of the labels of ``groups.classes`` as one float64 vector (1 + C',), from one
-    float64 Gram matrix K = Z Z^T, and the tensors their backward needs (on the host with ``host``).
+    float64 Gram matrix K = Z Z^T, and the tensors their backward needs besides Z (on the host with ``host``).
 
     The Gram matrix of Z_k is K[S_k, S_k]; ||Z_k||_* = tr sqrt(K[S_k, S_k]) is the sum of the square roots of its
     kept eigenvalues.
     """
     batch, dim = z.shape
-    z64 = z.double()  # autocast leaves float64 alone, so everything below runs in float64 under it too
+    z64 = _float64(z, 0)  # autocast leaves float64 alone, so everything below runs in float64 under it too
     gram = z64 @ z64.T
     if host:
         gram = gram.cpu()
         if groups is not None:
             groups = _Groups(groups.classes, groups.index.cpu(), groups.spans)
-    # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure.
-    finite = torch.isfinite(gram).all()
+    # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure. Its
+    # diagonal tells: K_ii is NaN or Inf for a row with a NaN or Inf, and |K_ij| <= sqrt(K_ii K_jj).
+    finite = torch.isfinite(gram.diagonal().sum())
     gram = torch.where(finite, gram, 0.0)
     blocks = len(groups.classes) if groups is not None else 0
     evals = gram.new_zeros(1 + blocks, batch)  # (1 + C', B): every norm's eigenvalues, zero padded (never kept)
@@ -138,16 +178,19 @@ def _norms_forward(z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tenso
     root = torch.where(evals > tol, evals, 0.0).sqrt()  # (1 + C', B) singular values
     values = torch.where(finite, root.sum(-1), math.nan).to(z.device)
     local = (groups.index, *vectors) if vectors else ()
-    return values, (z64, root, evecs, *local)
+    return values, (root, evecs, *local)
 
 
-def _norms_backward(saved: tuple[Tensor, ...], spans: tuple[tuple[int, int, int], ...], grad_values: Tensor) -> Tensor:
-    """dZ (B, D) float64 for the gradient ``grad_values`` (1 + C',) of the vector of :func:`_norms_forward`."""
+def _norms_backward(
+    z: Tensor, saved: tuple[Tensor, ...], spans: tuple[tuple[int, int, int], ...], grad_values: Tensor
+) -> Tensor:
+    """dZ (B, D) in the dtype of ``z`` for the gradient ``grad_values`` (1 + C',) of the vector of
+    :func:`_norms_forward`."""
     if torch.is_grad_enabled():  # autograd runs a backward in grad mode only with create_graph=True
         raise RuntimeError(
             "CLMLLoss: second derivatives are not implemented; backward with create_graph=True is not supported"
         )
-    z64, root, evecs, *local = saved
+    root, evecs, *local = saved
     # d tr sqrt(G) / dG = V diag(1 / (2 sqrt(lambda))) V^T over the kept eigenvalues, and K = Z Z^T with a
     # symmetric dK gives dZ = 2 dK Z: dZ = V diag(1 / sqrt(lambda)) V^T Z.
     scaled = torch.where(root > 0, root.reciprocal(), 0.0) * grad_values.to(root.device)[:, None]
@@ -159,9 +202,12 @@ def _norms_backward(saved: tuple[Tensor, ...], spans: tuple[tuple[int, int, int]
         ]
         padded = torch.nn.functional.pad(grad_gram, (0, 1, 0, 1)).view(-1)
         padded.index_add_(0, index, torch.cat(grad_subs))
-        grad_gram = padded.view(z64.shape[0] + 1, -1)[:-1, :-1]
+        grad_gram = padded.view(z.shape[0] + 1, -1)[:-1, :-1]
     # In float64 (see the module docstring).
-    return grad_gram.to(z64.device) @ z64
+    z64 = _float64(z, 0)
+    if z64 is z or z.device.type != "cpu":
+        return (grad_gram.to(z.device) @ z64).to(z.dtype)
+    return torch.mm(grad_gram, z64, out=_WORKSPACE.take(1, *z.shape)).to(z.dtype)
 
 
 class _NuclearNorms(torch.autograd.Function):
@@ -170,14 +216,14 @@ class _NuclearNorms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tensor, Tensor]:
         values, saved = _norms_forward(z, groups, host)
-        ctx.save_for_backward(*saved)
-        ctx.spans, ctx.dtype = groups.spans if groups is not None else (), z.dtype
+        ctx.save_for_backward(z, *saved)
+        ctx.spans = groups.spans if groups is not None else ()
         return values[0], values[1:]
 
     @staticmethod
     def backward(ctx, grad_norm: Tensor, grad_norms: Tensor) -> tuple[Tensor, None, None]:
-        grad_values = torch.cat([grad_norm[None], grad_norms])
-        return _norms_backward(ctx.saved_tensors, ctx.spans, grad_values).to(ctx.dtype), None, None
+        z, *saved = ctx.saved_tensors
+        return _norms_backward(z, saved, ctx.spans, torch.cat([grad_norm[None], grad_norms])), None, None
 
 
 class _Weights(NamedTuple):
@@ -203,19 +249,19 @@ class _CLMLFunction(torch.autograd.Function):
         local = weights.local * (norms.clamp(min=weights.delta).sum() + weights.delta * weights.missing)
         global_ = weights.global_ * values[0]
         loss = weights.scale * (local - global_)
-        ctx.save_for_backward(*saved, norms >= weights.delta)  # where max(delta, .) passes the gradient
-        ctx.weights, ctx.spans, ctx.dtype = weights, groups.spans if groups is not None else (), z.dtype
+        ctx.save_for_backward(z, norms >= weights.delta, *saved)  # where max(delta, .) passes the gradient
+        ctx.weights, ctx.spans = weights, groups.spans if groups is not None else ()
         return loss.to(out_dtype), local.to(out_dtype), global_.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, grad_local: Tensor, grad_global: Tensor) -> tuple[Tensor | None, ...]:
-        *saved, passes = ctx.saved_tensors
+        z, passes, *saved = ctx.saved_tensors
         weights = ctx.weights
         # d(loss, local, global_) / d(||Z||_*, ||Z_k||_*), applied to the incoming gradients.
         grad_loss, grad_local, grad_global = grad_loss.double(), grad_local.double(), grad_global.double()
         grad_norm = weights.global_ * (grad_global - weights.scale * grad_loss)
         grad_norms = weights.local * (weights.scale * grad_loss + grad_local) * passes
-        grad_z = _norms_backward(saved, ctx.spans, torch.cat([grad_norm[None], grad_norms])).to(ctx.dtype)
+        grad_z = _norms_backward(z, saved, ctx.spans, torch.cat([grad_norm[None], grad_norms]))
         return grad_z, None, None, None, None
 
 
