@@ -102,12 +102,13 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
         bounds.append(int(np.searchsorted(counts, top, side="right")))
     start = bounds[0]
     spans = tuple((a - start, b - start, int(counts[b - 1])) for a, b in zip(bounds, bounds[1:]))
-    labels = labels[start:]
-    held = held[labels]
-    order = np.argsort(~held, axis=1, kind="stable")[:, : max(1, counts[-1] if classes else 0)]  # rows first
-    rows = np.where(np.take_along_axis(held, order, 1), order, batch)  # (C', w): the label's rows, then padding B
-    pairs = rows[:, :, None] * (batch + 1) + rows[:, None, :]  # (C', w, w) flat positions in the padded K
-    index = np.concatenate([pairs[a:b, :n, :n].reshape(-1) for a, b, n in spans] or [np.zeros(0, np.int64)])
+    labels, counts = labels[start:], counts[start:]
+    label, row = np.nonzero(held[labels])  # the rows of every label, label after label
+    rows = np.full((len(labels), max(1, counts[-1] if len(counts) else 0)), batch)  # (C', w), padding row B
+    rows[label, np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)] = row  # the label's rows first
+    # Per block, the flat positions of its (n, n) sub-matrices in the padded K.
+    pairs = [(rows[a:b, :n, None] * (batch + 1) + rows[a:b, None, :n]).reshape(-1) for a, b, n in spans]
+    index = np.concatenate(pairs or [np.zeros(0, np.int64)])
     device = members.device
     return _Groups(torch.from_numpy(labels).to(device), torch.from_numpy(index).to(device), spans)
 
@@ -145,7 +146,7 @@ def _float64(z: Tensor, slot: int) -> Tensor:
 
 def _norms_forward(z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
     """||Z||_* and the norms ||Z_k||_* of the labels of ``groups.classes`` as one float64 vector (1 + C',), from one
-    float64 Gram matrix K = Z Z^T, and the tensors their backward needs besides Z (on the host with ``host``).
+    float64 Gram matrix K = Z Z^T, and the tensors their backward needs besides Z (all on the host with ``host``).
 
     The Gram matrix of Z_k is K[S_k, S_k]; ||Z_k||_* = tr sqrt(K[S_k, S_k]) is the sum of the square roots of its
     kept eigenvalues.
@@ -176,7 +177,7 @@ def _norms_forward(z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tenso
     # What a float64 Gram matrix resolves: eigenvalues carry an error of about max(B, D) * eps64 * lambda_max.
     tol = evals.amax(-1, keepdim=True).clamp(min=0) * (max(batch, dim) * torch.finfo(torch.float64).eps)
     root = torch.where(evals > tol, evals, 0.0).sqrt()  # (1 + C', B) singular values
-    values = torch.where(finite, root.sum(-1), math.nan).to(z.device)
+    values = torch.where(finite, root.sum(-1), math.nan)
     local = (groups.index, *vectors) if vectors else ()
     return values, (root, evecs, *local)
 
@@ -216,6 +217,7 @@ class _NuclearNorms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tensor, Tensor]:
         values, saved = _norms_forward(z, groups, host)
+        values = values.to(z.device)
         ctx.save_for_backward(z, *saved)
         ctx.spans = groups.spans if groups is not None else ()
         return values[0], values[1:]
@@ -237,31 +239,40 @@ class _Weights(NamedTuple):
 
 
 class _CLMLFunction(torch.autograd.Function):
-    """The CLML loss and its weighted local and global terms (0-dim, ``out_dtype``) in one autograd node."""
+    """The CLML loss and its weighted local and global terms (0-dim, ``out_dtype``) in one autograd node.
+
+    The three are assembled on the host from the 1 + C' norms (free on a CPU; on an accelerator ``eigh`` has
+    synchronised already), with the (1 + C', 3) matrix of their derivatives by the norms that the backward applies
+    to the three incoming gradients.
+    """
 
     @staticmethod
     def forward(
         ctx, z: Tensor, groups: _Groups | None, weights: _Weights, out_dtype: torch.dtype, host: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         values, saved = _norms_forward(z, groups, host)
-        norms = values[1:]
-        # Labels left out of ``norms`` have no rows and contribute delta each (all of them at local weight 0).
-        local = weights.local * (norms.clamp(min=weights.delta).sum() + weights.delta * weights.missing)
-        global_ = weights.global_ * values[0]
+        norm, *norms = values.tolist()
+        delta = weights.delta
+        # max(delta, .) of each label's norm (a NaN stays NaN); labels left out of ``norms`` have no rows and
+        # contribute delta each (all of them at local weight 0).
+        local = weights.local * (sum(delta if n < delta else n for n in norms) + delta * weights.missing)
+        global_ = weights.global_ * norm
         loss = weights.scale * (local - global_)
-        ctx.save_for_backward(z, norms >= weights.delta, *saved)  # where max(delta, .) passes the gradient
-        ctx.weights, ctx.spans = weights, groups.spans if groups is not None else ()
-        return loss.to(out_dtype), local.to(out_dtype), global_.to(out_dtype)
+        # d(loss, local, global_) / d(||Z||_*, ||Z_k||_*); max(delta, .) passes the gradient where ||Z_k||_* >= delta.
+        derivatives = np.zeros((1 + len(norms), 3))
+        derivatives[0] = (-weights.scale * weights.global_, 0.0, weights.global_)
+        passes = np.array(norms) >= delta
+        derivatives[1:, :2] = np.multiply.outer(passes, (weights.scale * weights.local, weights.local))
+        ctx.save_for_backward(z, torch.from_numpy(derivatives).to(values.device), *saved)
+        ctx.spans = groups.spans if groups is not None else ()
+        device = z.device
+        return tuple(torch.tensor(value, dtype=out_dtype, device=device) for value in (loss, local, global_))
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, grad_local: Tensor, grad_global: Tensor) -> tuple[Tensor | None, ...]:
-        z, passes, *saved = ctx.saved_tensors
-        weights = ctx.weights
-        # d(loss, local, global_) / d(||Z||_*, ||Z_k||_*), applied to the incoming gradients.
-        grad_loss, grad_local, grad_global = grad_loss.double(), grad_local.double(), grad_global.double()
-        grad_norm = weights.global_ * (grad_global - weights.scale * grad_loss)
-        grad_norms = weights.local * (weights.scale * grad_loss + grad_local) * passes
-        grad_z = _norms_backward(z, saved, ctx.spans, torch.cat([grad_norm[None], grad_norms]))
+        z, derivatives, *saved = ctx.saved_tensors
+        incoming = torch.stack([grad_loss, grad_local, grad_global]).to(derivatives)
+        grad_z = _norms_backward(z, saved, ctx.spans, derivatives @ incoming)
         return grad_z, None, None, None, None
 
 
