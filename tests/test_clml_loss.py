@@ -358,15 +358,20 @@ def test_skewed_label_counts_across_size_buckets_match_the_loop():
 
 
 def test_float32_calls_that_share_the_cpu_workspace_keep_their_own_gradients():
-    # The float64 copies of float32 embeddings live in a per-thread buffer on the CPU: graphs built before one
-    # backward, shapes that shrink and grow, and gradients kept across later calls must not see each other's data.
+    # The float64 copies of float32 embeddings live in a per-thread buffer on the CPU, reused by a backward when no
+    # other call wrote it since: graphs built before one backward, a graph run backward twice, shapes that shrink and
+    # grow, and gradients kept across later calls must not see each other's data.
     batches = [
         _draw(batch, dim, 6, seed=20 + batch, dtype=torch.float32) for batch, dim in ((24, 40), (8, 16), (24, 40))
     ]
     leaves = [z.clone().requires_grad_() for z, _ in batches]
     total = sum(CLMLLoss()(leaf, labels) for leaf, (_, labels) in zip(leaves, batches))
-    total.backward()
+    total.backward(retain_graph=True)
     kept = [leaf.grad.clone() for leaf in leaves]
+    total.backward()  # a second backward of the same graph adds the same gradients
+    assert all(torch.allclose(leaf.grad, 2 * grad, rtol=1e-6, atol=0) for leaf, grad in zip(leaves, kept))
+    for leaf, grad in zip(leaves, kept):
+        leaf.grad = grad.clone()
     for leaf, (z, labels) in zip(leaves, batches):
         _, ref_grad = _value_and_grad(clml_loss_reference, z.double(), labels)
         torch.testing.assert_close(leaf.grad.double(), ref_grad, rtol=1e-4, atol=1e-5)

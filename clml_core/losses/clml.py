@@ -114,37 +114,52 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
 
 
 class _Workspace(threading.local):
-    """Two float64 buffers per thread for the (B, D) float64 copies of the embeddings, reused on the CPU.
+    """Per-thread float64 buffers on the CPU: ``copy`` for the float64 copy of the embeddings, ``product`` for the
+    float64 product of the backward.
 
     A fresh B x D float64 tensor per call costs more there than the products it feeds: glibc returns blocks of that
     size to the system when they are freed and the next call page-faults them back in (about 600 minor faults, 0.9 of
-    2.9 ms per forward + backward at B = 64, D = 2048, ``benchmarks/bench_clml_loss.py``). A buffer is used within
-    one forward or one backward call, never across calls, and never returned. It keeps the largest size asked for.
-    On an accelerator the caching allocator reuses memory already, and this is not used.
+    2.9 ms per forward + backward at B = 64, D = 2048, ``benchmarks/bench_clml_loss.py``). The copy is marked with
+    the token of the call that wrote it, so that this call's backward reuses it when no other call has written since
+    (the usual forward, backward, forward, ...) and copies again otherwise. Nothing returned is a buffer. Each keeps
+    the largest size asked for. On an accelerator the caching allocator reuses memory already, and this is not used.
     """
 
     def __init__(self) -> None:
-        self.buffers = [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+        self.copy = torch.empty(0, dtype=torch.float64)
+        self.product = torch.empty(0, dtype=torch.float64)
+        self.holder: object | None = None  # the token of the call whose embeddings ``copy`` holds
 
-    def take(self, slot: int, rows: int, cols: int) -> Tensor:
-        if self.buffers[slot].numel() < rows * cols:
-            self.buffers[slot] = torch.empty(rows * cols, dtype=torch.float64)
-        return self.buffers[slot][: rows * cols].view(rows, cols)
+    def float64(self, z: Tensor, token: object) -> Tensor:
+        """The float64 copy of the CPU tensor ``z`` (B, D) for the call ``token``."""
+        size = z.numel()
+        if self.copy.numel() < size:
+            self.copy, self.holder = torch.empty(size, dtype=torch.float64), None
+        copy = self.copy[:size].view(z.shape)
+        if self.holder is not token:
+            copy.copy_(z)
+            self.holder = token
+        return copy
+
+    def product_buffer(self, rows: int, cols: int) -> Tensor:
+        if self.product.numel() < rows * cols:
+            self.product = torch.empty(rows * cols, dtype=torch.float64)
+        return self.product[: rows * cols].view(rows, cols)
 
 
 _WORKSPACE = _Workspace()
 
 
-def _float64(z: Tensor, slot: int) -> Tensor:
-    """``z`` in float64: itself, or a copy (in the CPU workspace's buffer ``slot``)."""
+def _float64(z: Tensor, token: object) -> Tensor:
+    """``z`` in float64: itself, or a copy (on the CPU, the workspace's for the call ``token``)."""
     if z.dtype == torch.float64:
         return z
     if z.device.type != "cpu":
         return z.double()
-    return _WORKSPACE.take(slot, *z.shape).copy_(z)
+    return _WORKSPACE.float64(z, token)
 
 
-def _norms_forward(z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _norms_forward(z: Tensor, groups: _Groups | None, host: bool, token: object) -> tuple[Tensor, tuple[Tensor, ...]]:
     """||Z||_* and the norms ||Z_k||_* of the labels of ``groups.classes`` as one float64 vector (1 + C',), from one
     float64 Gram matrix K = Z Z^T, and the tensors their backward needs besides Z (all on the host with ``host``).
 
@@ -152,7 +167,7 @@ def _norms_forward(z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tenso
     kept eigenvalues.
     """
     batch, dim = z.shape
-    z64 = _float64(z, 0)  # autocast leaves float64 alone, so everything below runs in float64 under it too
+    z64 = _float64(z, token)  # autocast leaves float64 alone, so everything below runs in float64 under it too
     gram = z64 @ z64.T
     if host:
         gram = gram.cpu()
@@ -183,10 +198,10 @@ def _norms_forward(z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tenso
 
 
 def _norms_backward(
-    z: Tensor, saved: tuple[Tensor, ...], spans: tuple[tuple[int, int, int], ...], grad_values: Tensor
+    z: Tensor, saved: tuple[Tensor, ...], spans: tuple[tuple[int, int, int], ...], grad_values: Tensor, token: object
 ) -> Tensor:
     """dZ (B, D) in the dtype of ``z`` for the gradient ``grad_values`` (1 + C',) of the vector of
-    :func:`_norms_forward`."""
+    :func:`_norms_forward` called with ``token``."""
     if torch.is_grad_enabled():  # autograd runs a backward in grad mode only with create_graph=True
         raise RuntimeError(
             "CLMLLoss: second derivatives are not implemented; backward with create_graph=True is not supported"
@@ -205,10 +220,10 @@ def _norms_backward(
         padded.index_add_(0, index, torch.cat(grad_subs))
         grad_gram = padded.view(z.shape[0] + 1, -1)[:-1, :-1]
     # In float64 (see the module docstring).
-    z64 = _float64(z, 0)
+    z64 = _float64(z, token)
     if z64 is z or z.device.type != "cpu":
         return (grad_gram.to(z.device) @ z64).to(z.dtype)
-    return torch.mm(grad_gram, z64, out=_WORKSPACE.take(1, *z.shape)).to(z.dtype)
+    return torch.mm(grad_gram, z64, out=_WORKSPACE.product_buffer(*z.shape)).to(z.dtype)
 
 
 class _NuclearNorms(torch.autograd.Function):
@@ -216,7 +231,8 @@ class _NuclearNorms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tensor, Tensor]:
-        values, saved = _norms_forward(z, groups, host)
+        ctx.token = object()
+        values, saved = _norms_forward(z, groups, host, ctx.token)
         values = values.to(z.device)
         ctx.save_for_backward(z, *saved)
         ctx.spans = groups.spans if groups is not None else ()
@@ -225,7 +241,8 @@ class _NuclearNorms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_norm: Tensor, grad_norms: Tensor) -> tuple[Tensor, None, None]:
         z, *saved = ctx.saved_tensors
-        return _norms_backward(z, saved, ctx.spans, torch.cat([grad_norm[None], grad_norms])), None, None
+        grad_values = torch.cat([grad_norm[None], grad_norms])
+        return _norms_backward(z, saved, ctx.spans, grad_values, ctx.token), None, None
 
 
 class _Weights(NamedTuple):
@@ -250,7 +267,8 @@ class _CLMLFunction(torch.autograd.Function):
     def forward(
         ctx, z: Tensor, groups: _Groups | None, weights: _Weights, out_dtype: torch.dtype, host: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        values, saved = _norms_forward(z, groups, host)
+        ctx.token = object()
+        values, saved = _norms_forward(z, groups, host, ctx.token)
         norm, *norms = values.tolist()
         delta = weights.delta
         # max(delta, .) of each label's norm (a NaN stays NaN); labels left out of ``norms`` have no rows and
@@ -272,7 +290,7 @@ class _CLMLFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor, grad_local: Tensor, grad_global: Tensor) -> tuple[Tensor | None, ...]:
         z, derivatives, *saved = ctx.saved_tensors
         incoming = torch.stack([grad_loss, grad_local, grad_global]).to(derivatives)
-        grad_z = _norms_backward(z, saved, ctx.spans, derivatives @ incoming)
+        grad_z = _norms_backward(z, saved, ctx.spans, derivatives @ incoming, ctx.token)
         return grad_z, None, None, None, None
 
 
