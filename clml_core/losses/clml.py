@@ -73,8 +73,9 @@ class _Groups(NamedTuple):
     spans: tuple[tuple[int, int, int], ...]
 
 
-def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
-    """Index blocks of the label groups of ``members`` (C, B) bool.
+def _label_groups(members: Tensor, group_size: int | None, device: torch.device | None = None) -> _Groups:
+    """Index blocks of the label groups of ``members`` (C, B) bool, the index on ``device`` (where the Gram
+    matrix is decomposed; that of ``members`` by default).
 
     With ``group_size`` None the labels are sorted by count, those without rows are left out and the rest are
     bucketed by count rounded up to a power of two, each block as wide as its largest label. This is bookkeeping on
@@ -91,7 +92,7 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
         rows = rows.topk(width, largest=False).values  # (C, w): the label's rows first, then padding
         pairs = rows[:, :, None] * (batch + 1) + rows[:, None, :]  # (C, w, w) flat positions in the padded K
         labels = torch.arange(classes, device=members.device)
-        return _Groups(labels, pairs.view(-1), ((0, classes, width),))
+        return _Groups(labels, pairs.view(-1).to(device or members.device), ((0, classes, width),))
     held = members.cpu().numpy()
     counts = held.sum(1)
     labels = np.argsort(counts, kind="stable")
@@ -109,8 +110,9 @@ def _label_groups(members: Tensor, group_size: int | None) -> _Groups:
     # Per block, the flat positions of its (n, n) sub-matrices in the padded K.
     pairs = [(rows[a:b, :n, None] * (batch + 1) + rows[a:b, None, :n]).reshape(-1) for a, b, n in spans]
     index = np.concatenate(pairs or [np.zeros(0, np.int64)])
-    device = members.device
-    return _Groups(torch.from_numpy(labels).to(device), torch.from_numpy(index).to(device), spans)
+    return _Groups(
+        torch.from_numpy(labels).to(members.device), torch.from_numpy(index).to(device or members.device), spans
+    )
 
 
 class _Workspace(threading.local):
@@ -169,10 +171,8 @@ def _norms_forward(z: Tensor, groups: _Groups | None, host: bool, token: object)
     batch, dim = z.shape
     z64 = _float64(z, token)  # autocast leaves float64 alone, so everything below runs in float64 under it too
     gram = z64 @ z64.T
-    if host:
+    if host:  # the labels' index is on the host already
         gram = gram.cpu()
-        if groups is not None:
-            groups = _Groups(groups.classes, groups.index.cpu(), groups.spans)
     # A non-finite Gram matrix gives NaN (so a caller's finiteness check sees it) instead of an eigh failure. Its
     # diagonal tells: K_ii is NaN or Inf for a row with a NaN or Inf, and |K_ij| <= sqrt(K_ii K_jj).
     finite = torch.isfinite(gram.diagonal().sum())
@@ -230,19 +230,18 @@ class _NuclearNorms(torch.autograd.Function):
     """||Z||_* (0-dim) and the norms (C',) of the labels of ``groups.classes``, in float64."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, groups: _Groups | None, host: bool) -> tuple[Tensor, Tensor]:
+    def forward(ctx, z: Tensor, groups: _Groups | None) -> tuple[Tensor, Tensor]:
         ctx.token = object()
-        values, saved = _norms_forward(z, groups, host, ctx.token)
-        values = values.to(z.device)
+        values, saved = _norms_forward(z, groups, False, ctx.token)
         ctx.save_for_backward(z, *saved)
         ctx.spans = groups.spans if groups is not None else ()
         return values[0], values[1:]
 
     @staticmethod
-    def backward(ctx, grad_norm: Tensor, grad_norms: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad_norm: Tensor, grad_norms: Tensor) -> tuple[Tensor, None]:
         z, *saved = ctx.saved_tensors
         grad_values = torch.cat([grad_norm[None], grad_norms])
-        return _norms_backward(z, saved, ctx.spans, grad_values, ctx.token), None, None
+        return _norms_backward(z, saved, ctx.spans, grad_values, ctx.token), None
 
 
 class _Weights(NamedTuple):
@@ -295,12 +294,12 @@ class _CLMLFunction(torch.autograd.Function):
 
 
 def _nuclear_norms(
-    embeddings: Tensor, labels: Tensor | None, group_size: int | None = None, host: bool = False
+    embeddings: Tensor, labels: Tensor | None, group_size: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """||Z||_* (0-dim), the norms ||Z_k||_* (C',) of the labels ``classes`` (C',), all float64; every other label
     has no rows."""
     groups = _label_groups(labels.T, group_size) if labels is not None else None
-    norm, norms = _NuclearNorms.apply(embeddings, groups, host)
+    norm, norms = _NuclearNorms.apply(embeddings, groups)
     classes = groups.classes if groups is not None else embeddings.new_zeros(0, dtype=torch.long)
     return norm, norms, classes
 
@@ -429,11 +428,13 @@ class CLMLLoss(nn.Module):
         """
         _validate(embeddings, labels, self.check_values)
         batch, classes = labels.shape
-        groups = _label_groups(labels.bool().T, None) if self.local_weight else None
+        host = self.eigh == "host" and embeddings.device.type != "cpu"
+        groups = (
+            _label_groups(labels.bool().T, None, torch.device("cpu") if host else None) if self.local_weight else None
+        )
         missing = classes - (groups.classes.shape[0] if groups is not None else 0)
         weights = _Weights(self.lam / batch, self.delta, self.local_weight, self.global_weight, missing)
         out_dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        host = self.eigh == "host" and embeddings.device.type != "cpu"
         return CLMLTerms(*_CLMLFunction.apply(embeddings, groups, weights, out_dtype, host))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
