@@ -19,7 +19,9 @@ There ``CLMLLoss(eigh="host")`` copies the (B, B) Gram matrix to the host for th
 gradient of K back; ``"device"`` keeps them on the device (neither was timed: no GPU was available;
 ``benchmarks/bench_clml_loss.py --device cuda --eigh host|device`` compares them). The cost is then one (B, D) x
 (D, B) product and small eigen-decompositions instead of C SVDs of (n_k, D) matrices, in one autograd node (the
-loss's constants included) whose backward is one (B, B) x (B, D) product.
+loss's constants included; the loss and its terms are assembled on the host from the 1 + C' norms) whose backward is
+one (B, B) x (B, D) product. On the CPU the float64 copy of Z and that product live in per-thread buffers
+(``_Workspace``): fresh ones cost page faults on every call.
 
 Gradient and subgradient. d tr sqrt(G) / dG = G^{-1/2} / 2, which gives the familiar dZ_k = U V^T of the nuclear
 norm. At rank-deficient points (duplicate rows, a label with one zero row, all-zero embeddings) the nuclear norm is
