@@ -16,7 +16,7 @@ import torch
 from clml_core import checkpoints, runio
 from clml_core import engine as engine_module
 from clml_core import train as cli
-from clml_core.config import resolve_config
+from clml_core.config import apply_updates, resolve_config, validate_config
 from clml_core.engine import NonFiniteLossError, RunInterrupted, train
 from clml_core.paths import DATA_DIR, PROJ_ROOT
 from clml_core.runio import DiskFullError
@@ -34,13 +34,9 @@ SMALL = {
 
 
 def small(**sections):
-    overrides = {key: dict(value) if isinstance(value, dict) else value for key, value in SMALL.items()}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            overrides.setdefault(key, {}).update(value)
-        else:
-            overrides[key] = value
-    return resolve_config("smoke", overrides=overrides)
+    config = apply_updates(resolve_config("smoke", overrides=SMALL), sections)
+    validate_config(config)
+    return config
 
 
 def outcome(run):

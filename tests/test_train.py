@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clml_core import engine as engine_module
-from clml_core.config import resolve_config
+from clml_core.config import apply_updates, resolve_config, validate_config
 from clml_core.engine import NonFiniteLossError, train
 from clml_core.losses import CLMLLoss
 from clml_core.losses.authors import AuthorsCLMLLoss
@@ -26,13 +26,9 @@ FAST = {
 
 
 def _config(**sections):
-    overrides = {key: dict(value) if isinstance(value, dict) else value for key, value in FAST.items()}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            overrides.setdefault(key, {}).update(value)
-        else:
-            overrides[key] = value
-    return resolve_config("smoke", overrides=overrides)
+    config = apply_updates(resolve_config("smoke", overrides=FAST), sections)
+    validate_config(config)
+    return config
 
 
 def _metrics(run):
