@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clml_core.data.cache import file_identities
 from clml_core.data.dataset import MultiLabelDataset, read_image
 from clml_core.devices import normalize
 from clml_core.models import MultiLabelNet
@@ -124,12 +124,7 @@ def store_key(
     for name, tensor in model.backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for path in paths:
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"image file not found: {path}") from err
-        digest.update(f"{os.fspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    digest.update(file_identities(paths))
     return digest.hexdigest()[:20]
 
 

@@ -56,13 +56,24 @@ def source_fingerprint(image_paths: Sequence[PathLike], size: int, fmt: str = "r
     if fmt != "raw":  # raw caches keep the fingerprint they always had
         header += f" format={fmt} quality={quality}"
     digest = hashlib.sha256(f"{header}\n".encode())
-    for path in image_paths:
+    digest.update(file_identities(image_paths))
+    return digest.hexdigest()
+
+
+def file_identities(paths: Sequence[PathLike]) -> bytes:
+    """One line ``path<TAB>size<TAB>mtime_ns`` per file, in order: what a fingerprint of the files hashes.
+
+    Raises:
+        FileNotFoundError: A file does not exist; the message names it.
+    """
+    lines = []
+    for path in paths:
         try:
             stat = os.stat(path)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"image file not found: {path}") from err
-        digest.update(f"{os.fspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+        lines.append(f"{os.fspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n")
+    return "".join(lines).encode()
 
 
 def _sidecar(path: Path) -> Path:
