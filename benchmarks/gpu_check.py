@@ -41,6 +41,7 @@ from bench_clml_loss import COCO_2014, LABELS, draw_labels  # noqa: E402
 from bench_train import bench  # noqa: E402
 from timing import paired_seconds  # noqa: E402
 
+from clml_core import checkpoints, runfolder  # noqa: E402
 from clml_core.config import resolve_config  # noqa: E402
 from clml_core.engine import train  # noqa: E402
 from clml_core.losses import CLMLLoss  # noqa: E402
@@ -179,13 +180,11 @@ def check_paper_run(device: torch.device, tiny: bool, kill_at: int, epochs: int,
         out = Path(tmp) / "run"
         started = time.perf_counter()
         assert train(config, out, max_steps=kill_at) == {}  # stopped as a crash would stop it
-        state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+        state = checkpoints.read(runfolder.checkpoint_file(out, "last"))
         resumed_from = f"epoch {state['epoch']} step {state['step']}"
         results = train(None, out, resume=True)
         seconds = time.perf_counter() - started
-        metrics = (out / "metrics.csv").read_text().splitlines()
-    header = metrics[0].split(",")
-    losses = [float(line.split(",")[header.index("train_loss")]) for line in metrics[1:]]
+        losses = runfolder.read_metrics(out)["train_loss"].tolist()
     row(section, "stopped after / resumed from", f"{kill_at} steps / {resumed_from}")
     curve = " ".join(f"{v:.4g}" for v in losses)
     row(section, "train loss per epoch", curve, "finite", all(map(math.isfinite, losses)))

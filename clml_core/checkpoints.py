@@ -3,19 +3,24 @@
 A checkpoint holds no pickled class of this project (or of numpy), so it loads with ``torch.load(weights_only=True)``
 from any process, the command line's or a notebook's. ``checkpoints/last.pt`` is the newest; the checkpoint it
 replaced is kept as ``checkpoints/previous.pt``, so a ``last.pt`` that cannot be read (truncated, corrupted) is
-reported and the run continues from ``previous.pt``. Keys of a training checkpoint (:data:`FORMAT` 1):
+reported and the run continues from ``previous.pt``. Keys of a training checkpoint (:data:`FORMAT` 2):
 
 - ``format`` (int), ``config`` (the resolved configuration as a nested dict),
 - ``model``, ``optimizer``, ``scheduler``, ``ema`` (or None), ``scaler``: state dicts,
+- ``objective``: the training objective's state dict (a method's own state, e.g. a label matrix; empty for most),
 - ``epoch``, ``step``: where training continues; ``sums``: the epoch's running sums (a dict of numbers),
 - ``rows``: the ``metrics.csv`` rows so far; ``best``: the selected model so far (val_map, epoch, variant),
 - ``rng``: the random states (``torch``: uint8 tensor, ``numpy``: dict with a tensor key, ``python``: list).
 
 Other keys (a description of the model, say) may be added by their owners; readers ignore keys they do not know.
+
+Model selection keeps its weights beside them: ``best-epoch{e}.pt`` (``model_spec`` and ``model``) for the epoch
+whose validation mAP was best, and ``best.pt`` a link to the one the newest checkpoint records.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,11 +29,21 @@ import torch
 
 from clml_core.runio import atomic_torch_save
 
-FORMAT = 1
+FORMAT = 2  # 2: the objective's state
 FOLDER = "checkpoints"  # inside a run folder
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
-REQUIRED = ("format", "config", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "sums", "rows", "rng")
+BEST = "best.pt"
+BEST_EPOCH_GLOB = "best-epoch*.pt"
+REQUIRED = (
+    "format", "config", "model", "optimizer", "scheduler", "scaler", "objective", "epoch", "step", "sums", "rows",
+    "rng",
+)  # fmt: skip
+
+
+def best_epoch_file(folder: str | Path, epoch: int) -> Path:
+    """The selected weights of ``epoch`` in the checkpoint folder ``folder``."""
+    return Path(folder) / f"best-epoch{epoch}.pt"
 
 
 class CheckpointError(ValueError):
@@ -88,6 +103,14 @@ def read(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} lacks the keys {missing}")
     return state
+
+
+def set_aside_unreadable(folder: str | Path, used: Path) -> None:
+    """When the run continues from ``previous.pt`` because ``last.pt`` could not be read, keep that file for
+    inspection as ``last.pt.unreadable``: the next checkpoint must not keep it as its previous one."""
+    unreadable = Path(folder) / LAST
+    if Path(used).name == PREVIOUS and unreadable.exists():
+        os.replace(unreadable, unreadable.with_name(LAST + ".unreadable"))
 
 
 def load_latest(folder: str | Path, map_location: Any = "cpu") -> tuple[dict[str, Any], Path] | None:

@@ -201,6 +201,15 @@ def correction_quality(observed: ArrayLike, corrected: ArrayLike, full: ArrayLik
     )
 
 
+def correction_counts(observed: Tensor, corrected: Tensor, full: Tensor) -> Tensor:
+    """The counts of :func:`correction_quality` as a (3,) tensor on the device (missing, recovered, truly
+    recovered), without a host read: what a training step logs. Inputs are (B, C) tensors in {0, 1} of any dtype,
+    unchecked (the training step's labels were validated when the datasets were built)."""
+    seen, full = observed.bool(), full.bool()
+    missing, recovered = full & ~seen, corrected.bool() & ~seen
+    return torch.stack([missing.sum(), recovered.sum(), (missing & recovered).sum()])
+
+
 def score_reliability(scores: ArrayLike, observed: ArrayLike, full: ArrayLike, bins: int = 10) -> dict[str, np.ndarray]:
     """How the scores of unobserved entries separate missing positives from true negatives, in equal-width bins.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clml_core.config import TrainConfig
 from clml_core.data.dataset import decode_batch
 from clml_core.models import Preprocessing
 
@@ -21,11 +20,15 @@ def select_device(name: str) -> torch.device:
 
 
 def to_input(
-    images: Tensor | list[Tensor], config: TrainConfig, device: torch.device, preprocessing: Preprocessing | None = None
+    images: Tensor | list[Tensor],
+    device: torch.device,
+    preprocessing: Preprocessing | None = None,
+    channels_last: bool = False,
 ) -> Tensor:
     """A batch (B, 3, H, W) on the device as float in [0, 1] (uint8 batches are converted here, and a list of JPEG
     byte tensors from a jpeg cache with ``data.decode=device`` is decoded here, in one call), normalised with the
-    backbone's ``preprocessing`` (mean, std) when given. Other inputs (cached (B, F) features) only move."""
+    backbone's ``preprocessing`` (mean, std) when given, in the channels-last layout when asked. Other inputs
+    (cached (B, F) features) only move."""
     if isinstance(images, list):
         images = decode_batch(images, device)
     images = images.to(device, non_blocking=True)
@@ -35,7 +38,7 @@ def to_input(
         images = images.float().div_(255)
     if preprocessing is not None:
         images = normalize(images, preprocessing)
-    if config.model.channels_last:
+    if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
 
@@ -49,7 +52,7 @@ def normalize(images: Tensor, preprocessing: Preprocessing) -> Tensor:
     return (images - mean) / std
 
 
-def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
-    amp = config.optim.amp
+def autocast(device: torch.device, amp: str) -> torch.autocast:
+    """Mixed precision on ``device``: ``amp`` is off, bf16 or fp16 (config field optim.amp)."""
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype, enabled=amp != "off")

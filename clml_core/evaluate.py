@@ -25,14 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from clml_core.config import TrainConfig, apply_updates, validate_config
-from clml_core.data.dataset import MultiLabelDataset, collate, ignore_stop_signals
+from clml_core import runfolder
+from clml_core.config import ModelConfig, TrainConfig, apply_updates, validate_config
+from clml_core.data.dataset import MultiLabelDataset
 from clml_core.devices import autocast, select_device, to_input
+from clml_core.loaders import eval_loader
 from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
-from clml_core.models import MultiLabelNet, Preprocessing, build_model
+from clml_core.models import MultiLabelNet, Preprocessing, build_model, preprocessing_for
 from clml_core.runio import atomic_write_json
 
 #: A class is "well populated" in a scored split with at least this many positives (VOC2007 sample: car, cat,
@@ -40,47 +41,29 @@ from clml_core.runio import atomic_write_json
 FREQUENT_MIN_POSITIVES = 20
 
 
-def eval_loader(
-    dataset: MultiLabelDataset, config: TrainConfig, device: torch.device | None = None
-) -> torch.utils.data.DataLoader:
-    """Batches of ``dataset`` in row order: uint8 images (converted on the device), pinned memory on a GPU, and
-    persistent workers, so a loader kept across epochs (the trainer's validation loader) starts its workers once."""
-    workers = config.data.workers
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=max(config.optim.batch_size, 128),
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals,
-        collate_fn=collate,
-    )
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    dataset: MultiLabelDataset,
-    config: TrainConfig,
+    loader: torch.utils.data.DataLoader,
     device: torch.device,
     *,
+    amp: str = "off",
+    channels_last: bool = False,
     embeddings: bool = False,
-    loader: torch.utils.data.DataLoader | None = None,
 ) -> dict[str, np.ndarray]:
     """Sigmoid scores (N, C), observed labels (N, C) and optionally embeddings (N, E) of a dataset, in row order.
 
     Outputs stay on the device until the end (one host read, not one per batch). ``loader`` is an
-    :func:`eval_loader` of ``dataset`` to reuse; by default a new one is made. ``model`` is a :class:`MultiLabelNet`
-    fed images (normalised with its preprocessing here) or a :class:`~clml_core.models.FeatureHead` fed cached
-    features.
+    :func:`~clml_core.loaders.eval_loader` of the dataset. ``model`` is a :class:`MultiLabelNet` fed images
+    (normalised with its preprocessing here) or a :class:`~clml_core.models.FeatureHead` fed cached features;
+    ``amp`` and ``channels_last`` are the run's (config fields optim.amp, model.channels_last).
     """
     model.eval()
     preprocessing = getattr(model, "preprocessing", None)
     scores, targets, embeds = [], [], []
-    for images, observed, _ in eval_loader(dataset, config, device) if loader is None else loader:
-        images = to_input(images, config, device, preprocessing)
-        with autocast(config, device):
+    for images, observed, _ in loader:
+        images = to_input(images, device, preprocessing, channels_last)
+        with autocast(device, amp):
             out = model(images)
         scores.append(torch.sigmoid(out.logits.float()))
         targets.append(observed)
@@ -120,7 +103,7 @@ def score(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> dic
     }
 
 
-def model_spec(model: MultiLabelNet, config: TrainConfig, classes: Sequence[str], image_size: int) -> dict[str, Any]:
+def model_spec(model: MultiLabelNet, spec: ModelConfig, classes: Sequence[str], image_size: int) -> dict[str, Any]:
     """What rebuilds a run's model, as plain values (a checkpoint entry, loadable with ``weights_only=True``).
 
     ``backbone_in_checkpoint`` is False for the frozen-features mode with given weights: the checkpoint then holds
@@ -128,20 +111,20 @@ def model_spec(model: MultiLabelNet, config: TrainConfig, classes: Sequence[str]
     None, cannot be rebuilt that way and stays in the checkpoint).
     """
     return {
-        "arch": config.model.arch,
-        "weights": config.model.weights,
+        "arch": spec.arch,
+        "weights": spec.weights,
         "num_classes": len(classes),
         "classes": list(classes),
-        "proj_dim": config.model.proj_dim,
-        "proj_hidden_dim": config.model.proj_hidden_dim,
-        "classify_embeddings": config.model.classify_embeddings,
-        "widths": None if config.model.widths is None else list(config.model.widths),
+        "proj_dim": spec.proj_dim,
+        "proj_hidden_dim": spec.proj_hidden_dim,
+        "classify_embeddings": spec.classify_embeddings,
+        "widths": None if spec.widths is None else list(spec.widths),
         "num_features": model.num_features,
         "embed_dim": model.embed_dim,
         "preprocessing": model.preprocessing.as_dict(),
         "image_size": int(image_size),
-        "train_mode": config.model.train_mode,
-        "backbone_in_checkpoint": config.model.train_mode != "frozen" or config.model.weights is None,
+        "train_mode": spec.train_mode,
+        "backbone_in_checkpoint": spec.train_mode != "frozen" or spec.weights is None,
     }
 
 
@@ -192,11 +175,11 @@ def load_weights(model: MultiLabelNet, weights: dict[str, torch.Tensor], spec: d
 def _split(config: TrainConfig, split: str) -> MultiLabelDataset:
     from clml_core.data.splits import build_splits
 
+    preprocessing = preprocessing_for(config.model.arch)
     if split in ("train", "val", "test"):
-        splits = build_splits(config)
-        return getattr(splits, split)
-    splits = build_splits(apply_updates(config, {"data": {"test_split": split, "test_fraction": 0.0}}))
-    return splits.test
+        return getattr(build_splits(config.data, preprocessing, progress=False), split)
+    whole = apply_updates(config, {"data": {"test_split": split, "test_fraction": 0.0}})
+    return build_splits(whole.data, preprocessing, progress=False).test
 
 
 def evaluate_run(
@@ -210,12 +193,10 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Score a run's checkpoint on a dataset split (see the module docstring); returns the results dict."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found; is {run_dir} a run folder?")
+    config_path = run_dir / runfolder.CONFIG
     # The run's own configuration, validated once the scoring fields are in (its name plays no part here).
-    config = apply_updates(TrainConfig(), yaml.safe_load(config_path.read_text()), source=str(config_path))
-    model, spec = load_model(run_dir / "checkpoints" / f"{checkpoint}.pt", select_device(device))
+    config = apply_updates(TrainConfig(), runfolder.read_config_dict(run_dir), source=str(config_path))
+    model, spec = load_model(runfolder.checkpoint_file(run_dir, checkpoint), select_device(device))
     data = {"dataset": dataset, "root": root, "limit_train": 0, "packed_cache": False, "image_size": spec["image_size"]}
     if split in ("train", "val"):
         data["val_labels"] = "full"
@@ -227,7 +208,9 @@ def evaluate_run(
             f"{dataset} at {root} has classes {scored.classes[:4]}... but the run was trained on "
             f"{spec['classes'][:4]}... ({len(spec['classes'])} classes)"
         )
-    pred = predict(model, scored, config, next(model.parameters()).device)
+    on = next(model.parameters()).device
+    loader = eval_loader(scored, config.optim.batch_size, config.data.workers, on)
+    pred = predict(model, loader, on, amp=config.optim.amp, channels_last=config.model.channels_last)
     return {
         "run": str(run_dir),
         "checkpoint": checkpoint,
@@ -253,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = evaluate_run(
         args.run_dir, args.dataset, args.root, args.split, checkpoint=args.checkpoint, device=args.device
     )
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{args.dataset}_{args.split}.json"
+    out = Path(args.out) if args.out else runfolder.eval_file(args.run_dir, args.dataset, args.split)
     atomic_write_json(out, results)
     print(
         f"{args.dataset} {args.split}: mAP {results['map']:.2f} over {results['n_classes_scored']} classes, "

@@ -8,7 +8,6 @@ where it stopped. Runs go through :func:`clml_core.engine.train` in worker proce
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 from collections.abc import Iterable, Sequence
@@ -16,22 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from clml_core.config import (
-    TrainConfig,
-    apply_updates,
-    authors_overrides,
-    config_diff,
-    read_run_config,
-    resolve_config,
-    to_dict,
-)
-from clml_core.runio import atomic_write_json
+from clml_core import runfolder
+from clml_core.build import build_network
+from clml_core.config import TrainConfig, apply_updates, authors_overrides, config_diff, resolve_config, to_dict
+from clml_core.correction import score_reliability
+from clml_core.data.splits import build_splits, cache_folder, image_size
+from clml_core.features import feature_splits
+from clml_core.models import preprocessing_for
 
 #: Missing-label protocols of the main table, as config overrides of ``data``.
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -237,16 +231,13 @@ def _run_one(args: tuple[RunSpec, str, bool]) -> str:
         import shutil
 
         shutil.rmtree(folder)
-    done = folder / "results.json"
-    if not done.exists():
-        train(_train_config(spec), folder, resume=True)  # starts the run, or continues it with the same configuration
-    atomic_write_json(
-        folder / "spec.json", {"group": spec.group, "variant": spec.variant, "seed": spec.seed, **spec.labels}
-    )
+    if not runfolder.is_finished(folder):
+        train(train_config(spec), folder, resume=True)  # starts the run, or continues it with the same configuration
+    runfolder.write_spec(folder, {"group": spec.group, "variant": spec.variant, "seed": spec.seed, **spec.labels})
     return spec.variant
 
 
-def _train_config(spec: RunSpec) -> TrainConfig:
+def train_config(spec: RunSpec) -> TrainConfig:
     """The configuration a worker trains ``spec`` with (one thread, no progress bar)."""
     return apply_updates(spec.config(), {"progress": False, "threads": 1})
 
@@ -257,9 +248,9 @@ def _check_finished(specs: Sequence[RunSpec], root: Path) -> None:
     stale = []
     for spec in specs:
         folder = spec.folder(root)
-        if (folder / "results.json").exists():
-            saved = read_run_config(folder)
-            changed = config_diff(to_dict(saved), to_dict(_train_config(spec))) if saved else ["no config.yaml"]
+        if runfolder.is_finished(folder):
+            saved = runfolder.read_config(folder)
+            changed = config_diff(to_dict(saved), to_dict(train_config(spec))) if saved else ["no config.yaml"]
             if changed:
                 stale.append(f"{folder} ({'; '.join(changed[:3])})")
     if stale:
@@ -272,8 +263,6 @@ def _check_finished(specs: Sequence[RunSpec], root: Path) -> None:
 def _prepare_data(specs: Sequence[RunSpec]) -> None:
     """Generate or load each distinct dataset (and feature store) once, before worker processes would race to
     create it."""
-    from clml_core.data.splits import build_splits
-
     seen = set()
     for spec in specs:
         config = spec.config()
@@ -285,13 +274,16 @@ def _prepare_data(specs: Sequence[RunSpec]) -> None:
             key += (model.arch, model.weights, data.augment, data.feature_views, model.weights or config.seed)
         if key not in seen:
             seen.add(key)
-            splits = build_splits(config)
+            preprocessing = preprocessing_for(model.arch)
+            splits = build_splits(data, preprocessing, progress=config.progress)
             if frozen:
-                from clml_core.engine import _build_model
-                from clml_core.features import feature_splits
-
                 torch.manual_seed(config.seed)
-                feature_splits(splits, _build_model(config, splits.train.num_classes, torch.device("cpu")), config)
+                network = build_network(model, splits.train.num_classes, torch.device("cpu"))
+                feature_splits(
+                    splits, network, size=image_size(data.image_size, preprocessing), augment=data.augment,
+                    views=data.feature_views, folder=cache_folder(data.cache_dir) / "features", workers=data.workers,
+                    progress=config.progress,
+                )  # fmt: skip
 
 
 def run_specs(specs: Iterable[RunSpec], root: str | Path, processes: int = 2, force: bool = False) -> Path:
@@ -300,7 +292,7 @@ def run_specs(specs: Iterable[RunSpec], root: str | Path, processes: int = 2, fo
     root = Path(root)
     if not force:
         _check_finished(specs, root)
-    todo = [s for s in specs if force or not (s.folder(root) / "results.json").exists()]
+    todo = [s for s in specs if force or not runfolder.is_finished(s.folder(root))]
     tqdm.write(f"{len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to train in {root}")
     jobs = [(spec, str(root), force) for spec in specs]
     _prepare_data(todo)
@@ -326,19 +318,15 @@ def run_specs(specs: Iterable[RunSpec], root: str | Path, processes: int = 2, fo
 def collect(root: str | Path, specs: Iterable[RunSpec] | None = None) -> pd.DataFrame:
     """One row per finished run under ``root`` (or per given spec): its labels, key config fields and results."""
     root = Path(root)
-    folders = (
-        [s.folder(root) for s in specs] if specs is not None else sorted(p.parent for p in root.rglob("spec.json"))
-    )
+    folders = [s.folder(root) for s in specs] if specs is not None else runfolder.spec_folders(root)
     rows = []
     for folder in folders:
-        if not (folder / "results.json").exists():
+        if not runfolder.is_finished(folder):
             continue
-        spec = json.loads((folder / "spec.json").read_text())
-        results = json.loads((folder / "results.json").read_text())
-        config = yaml.safe_load((folder / "config.yaml").read_text())
+        results, config = runfolder.read_results(folder), runfolder.read_config_dict(folder)
         rows.append(
             {
-                **spec,
+                **runfolder.read_spec(folder),
                 "folder": str(folder),
                 "lam": config["clml"]["lam"],
                 "tau": config["clml"]["tau"],
@@ -360,7 +348,7 @@ def collect_per_class(runs: pd.DataFrame) -> pd.DataFrame:
     (test AP in percent, from ``results.json``; NaN for a class without a test positive)."""
     rows = []
     for run in runs.to_dict("records"):
-        results = json.loads((Path(run["folder"]) / "results.json").read_text())
+        results = runfolder.read_results(run["folder"])
         rows += [{**run, "class": name, "ap": ap} for name, ap in results["test_ap_per_class"].items()]
     return pd.DataFrame(rows)
 
@@ -369,12 +357,10 @@ def collect_reliability(runs: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
     """Per run of ``runs`` (a :func:`collect` frame) and score bin: :func:`clml_core.correction.score_reliability`
     of the unobserved training entries, from the run's ``train_scores.npz`` (the last epoch's model), with the
     run's columns."""
-    from clml_core.correction import score_reliability
-
     frames = []
     for run in runs.to_dict("records"):
-        with np.load(Path(run["folder"]) / "train_scores.npz") as saved:
-            counts = score_reliability(saved["scores"], saved["observed"], saved["labels"], bins)
+        saved = runfolder.read_train_scores(run["folder"])
+        counts = score_reliability(saved["scores"], saved["observed"], saved["labels"], bins)
         frames.append(pd.DataFrame(counts).assign(**run))
     return pd.concat(frames, ignore_index=True)
 
@@ -384,5 +370,5 @@ def collect_metrics(runs: pd.DataFrame) -> pd.DataFrame:
     label columns (``epoch`` 0-based, as logged)."""
     keep = [c for c in runs.columns if c not in ("test_map", "best_val_map", "best_epoch", "corr_precision",
                                                   "corr_recall", "train_seconds")]  # fmt: skip
-    frames = [pd.read_csv(Path(run["folder"]) / "metrics.csv").assign(**run) for run in runs[keep].to_dict("records")]
+    frames = [runfolder.read_metrics(run["folder"]).assign(**run) for run in runs[keep].to_dict("records")]
     return pd.concat(frames, ignore_index=True)

@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 
 from clml_core.data.cache import file_identities
 from clml_core.data.dataset import MultiLabelDataset, read_image
+from clml_core.data.splits import Splits, train_transform_for
+from clml_core.data.transforms import eval_transform
 from clml_core.devices import normalize
 from clml_core.models import MultiLabelNet
 from clml_core.runio import atomic_write_bytes, atomic_write_json
@@ -205,41 +207,49 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return handle.getvalue()
 
 
-def feature_splits(splits, model: MultiLabelNet, config, device: torch.device | str = "cpu"):
+def feature_splits(
+    splits: Splits,
+    model: MultiLabelNet,
+    *,
+    size: int,
+    augment: str,
+    views: int,
+    folder: Path,
+    workers: int = 0,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> Splits:
     """The run's splits as :class:`FeatureDataset` rows of one shared feature store (built here if missing).
 
     Args:
         splits: the run's image splits (:func:`clml_core.data.splits.build_splits`); their images must be files.
         model: the network whose frozen backbone makes the features.
-        config: the run's configuration (image size, ``data.augment``, ``data.feature_views``, cache folder).
+        size: the image side (:func:`clml_core.data.splits.image_size`).
+        augment: the augmentation of the K views (config field data.augment).
+        views: K augmented views per training image (config field data.feature_views).
+        folder: where stores live (``<cache>/features``).
+        workers: loader workers while the store is built.
 
     Returns:
         ``Splits`` of FeatureDatasets: train draws among views 1..K (view 0 when K = 0), val and test read view 0.
     """
-    from clml_core.data.splits import Splits, image_size, train_transform_for
-    from clml_core.data.transforms import eval_transform
-    from clml_core.paths import DATA_DIR
-
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
     for name, dataset in parts.items():
         if dataset.image_paths is None:
             raise ValueError(f"model.train_mode=frozen: the {name} split has no image files to compute features of")
     paths = sorted({path for dataset in parts.values() for path in dataset.image_paths})
-    data = config.data
-    size = image_size(config)
-    interpolation = model.preprocessing.interpolation
-    settings = {"image_size": size, "augment": data.augment, "seed": 0}
+    preprocessing = model.preprocessing
     store, _ = build_store(
         model,
         paths,
-        eval_transform(size, interpolation=interpolation),
-        train_transform_for(config, model.preprocessing, to_float=True) if data.feature_views else None,
-        data.feature_views,
-        (Path(data.cache_dir) if data.cache_dir else DATA_DIR / "cache") / "features",
-        settings,
+        eval_transform(size, interpolation=preprocessing.interpolation),
+        train_transform_for(augment, size, preprocessing, to_float=True) if views else None,
+        views,
+        folder,
+        {"image_size": size, "augment": augment, "seed": 0},
         device=device,
-        workers=data.workers,
-        progress=config.progress,
+        workers=workers,
+        progress=progress,
     )
     row = {path: i for i, path in enumerate(paths)}
 

@@ -156,7 +156,7 @@ def _check_dataset(profile: str, params: dict[str, Any]) -> None:
         from clml_core.data.splits import load_sources
 
         try:
-            load_sources(resolve_config(params["PRESET"], overrides=overrides))
+            load_sources(resolve_config(params["PRESET"], overrides=overrides).data)
         except FileNotFoundError as error:
             raise FileNotFoundError(
                 f"{error}\n(other splits: -p OVERRIDES='{{data: {{train_split: NAME, test_split: NAME}}}}')"

@@ -93,8 +93,8 @@ def _nan_worker(rank: int, out_dir: str) -> None:
 
     def poisoned(self, images, observed, index):
         if rank == 1 and self.epoch == 1 and not hasattr(self, "clean_base"):
-            self.clean_base = self.base_loss
-            self.base_loss = lambda *args, **kwargs: self.clean_base(*args, **kwargs) * float("nan")
+            self.clean_base = self.objective.base_loss.forward
+            self.objective.base_loss.forward = lambda *args, **kwargs: self.clean_base(*args, **kwargs) * float("nan")
         return original(self, images, observed, index)
 
     engine.Trainer._train_step = poisoned

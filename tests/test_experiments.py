@@ -97,11 +97,11 @@ def test_a_finished_run_of_another_configuration_is_not_reused(tmp_path):
 
 def test_an_interrupted_study_run_is_resumed(tmp_path):
     from clml_core.engine import train
-    from clml_core.experiments import RunSpec, _train_config, run_specs
+    from clml_core.experiments import RunSpec, run_specs, train_config
 
     spec = RunSpec("main/40% left", "bce", 0, "smoke", {"data": {"limit_train": 64}, "optim": {"epochs": 1}})
     folder = spec.folder(tmp_path)
-    assert train(_train_config(spec), folder, max_steps=1) == {}  # stopped as a crash would leave it
+    assert train(train_config(spec), folder, max_steps=1) == {}  # stopped as a crash would leave it
     assert not (folder / "results.json").exists()
     run_specs([spec], tmp_path, processes=1)  # reads the folder's config.yaml back and continues
     assert (folder / "results.json").exists()

@@ -19,7 +19,7 @@ from clml_core.data.voc import VOC_CLASSES
 from clml_core.devices import to_input
 from clml_core.engine import train
 from clml_core.evaluate import FREQUENT_MIN_POSITIVES, load_model, score
-from clml_core.models import backbone_stages, build_model
+from clml_core.models import backbone_stages, build_model, preprocessing_for
 from clml_core.paths import PROJ_ROOT
 
 N_IMAGES = 72
@@ -77,8 +77,9 @@ def _config(voc_root: Path, cache: Path, **model):
 
 def test_the_test_split_is_carved_from_train_once_for_every_run(voc_root: Path) -> None:
     config = _config(voc_root, Path("unused"))
-    splits = build_splits(config)
-    other = build_splits(apply_updates(config, {"data": {"protocol_seed": 5}}))
+    preprocessing = preprocessing_for(config.model.arch)
+    splits = build_splits(config.data, preprocessing)
+    other = build_splits(apply_updates(config, {"data": {"protocol_seed": 5}}).data, preprocessing)
     names = {name: {p.name for p in getattr(splits, name).image_paths} for name in ("train", "val", "test")}
     assert len(names["test"]) == round(0.25 * N_IMAGES)
     assert not names["test"] & (names["train"] | names["val"]) and not names["train"] & names["val"]
@@ -92,15 +93,16 @@ def test_the_test_split_is_carved_from_train_once_for_every_run(voc_root: Path) 
 
 def test_the_pipeline_asks_the_backbone_for_size_and_normalisation(voc_root: Path) -> None:
     config = apply_updates(_config(voc_root, Path("unused")), {"data": {"image_size": 0}})
-    image, _, _ = build_splits(config).test[0]
+    image, _, _ = build_splits(config.data, preprocessing_for(config.model.arch)).test[0]
     assert image.shape == (3, 224, 224)  # tf_efficientnet_lite0's native size
     model = build_model("efficientnet_lite0", 20)
     batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     torch.testing.assert_close(
-        to_input(batch, config, torch.device("cpu"), model.preprocessing), torch.ones(2, 3, 4, 4)
+        to_input(batch, torch.device("cpu"), model.preprocessing, config.model.channels_last), torch.ones(2, 3, 4, 4)
     )
     torch.testing.assert_close(
-        to_input(batch.float() / 255 * 0, config, torch.device("cpu"), model.preprocessing), -torch.ones(2, 3, 4, 4)
+        to_input(batch.float() / 255 * 0, torch.device("cpu"), model.preprocessing, config.model.channels_last),
+        -torch.ones(2, 3, 4, 4),
     )
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clml_core import checkpoints, runio
+from clml_core import checkpoints, runio, train_state
 from clml_core import engine as engine_module
 from clml_core import train as cli
 from clml_core.config import apply_updates, resolve_config, validate_config
@@ -133,7 +133,7 @@ def test_no_readable_checkpoint_is_a_clear_error_and_changes_no_file(tmp_path):
 
 def test_an_unsafe_checkpoint_is_not_unpickled(tmp_path):
     path = tmp_path / "last.pt"
-    torch.save({"format": checkpoints.FORMAT, "payload": engine_module._EpochSums()}, path)
+    torch.save({"format": checkpoints.FORMAT, "payload": train_state.EpochSums()}, path)
     with pytest.raises(checkpoints.CheckpointError, match="cannot be read"):
         checkpoints.read(path)
 

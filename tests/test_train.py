@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clml_core import engine as engine_module
+from clml_core import loaders, train_state
 from clml_core.config import apply_updates, resolve_config, validate_config
 from clml_core.engine import NonFiniteLossError, train
 from clml_core.losses import CLMLLoss
@@ -333,7 +334,7 @@ def test_a_coco_layout_trains_through_the_packed_cache(tmp_path, write_image):
 def test_device_ema_equals_torchs_averaged_model_also_after_a_reload():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
-    ours = engine_module._DeviceEMA(model, 0.9)
+    ours = train_state.DeviceEMA(model, 0.9)
     reference = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=True
     )
@@ -346,27 +347,25 @@ def test_device_ema_equals_torchs_averaged_model_also_after_a_reload():
         reference.update_parameters(model)
         if step == 2:  # a resumed run: a fresh EMA loads the saved state
             state = ours.state_dict()
-            ours = engine_module._DeviceEMA(model, 0.9)
+            ours = train_state.DeviceEMA(model, 0.9)
             ours.load_state_dict(state)
     assert ours.state_dict().keys() == reference.state_dict().keys()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_batch_size_is_the_global_batch_split_over_ranks(monkeypatch):
+def test_batch_size_is_the_global_batch_split_over_ranks():
     config = _config(optim={"batch_size": 12})
-    single = list(engine_module._EpochBatches(50, config))
+    single = list(loaders.EpochBatches(50, config.optim.batch_size, config.seed))
     assert len(single) == 4 and all(len(batch) == 12 for batch in single)
-    monkeypatch.setattr(engine_module.dist_utils, "world_size", lambda: 3)
     per_rank = []
     for rank in range(3):
-        monkeypatch.setattr(engine_module.dist_utils, "rank", lambda rank=rank: rank)
-        per_rank.append(list(engine_module._EpochBatches(50, config)))
+        per_rank.append(list(loaders.EpochBatches(50, config.optim.batch_size, config.seed, rank, world_size=3)))
     assert all(len(batches) == 4 and all(len(b) == 4 for b in batches) for batches in per_rank)
     for step in range(4):  # the ranks' slices of a step are the single-process batch, in rank order
         assert sum((per_rank[r][step] for r in range(3)), []) == single[step]
     with pytest.raises(ValueError, match="optim.batch_size.*10.*3 processes"):
-        engine_module.rank_batch_size(_config(optim={"batch_size": 10}))
+        loaders.rank_batch_size(_config(optim={"batch_size": 10}).optim.batch_size, world_size=3)
 
 
 def test_reading_the_logged_terms_every_step_or_every_few_steps_logs_the_same(tmp_path):

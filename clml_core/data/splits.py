@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from clml_core import distributed as dist_utils
-from clml_core.config import SYNTHETIC_SIZES, TrainConfig
+from clml_core.config import SYNTHETIC_SIZES, DataConfig
 from clml_core.data.cache import build_packed_cache
 from clml_core.data.coco import load_coco
 from clml_core.data.dataset import MultiLabelDataset
@@ -30,7 +30,7 @@ from clml_core.data.protocols import keep_fraction, read_observed, single_positi
 from clml_core.data.synthetic import SyntheticConfig, load_synthetic
 from clml_core.data.transforms import crop_flip_transform, eval_transform, train_transform
 from clml_core.data.voc import load_voc
-from clml_core.models import Preprocessing, preprocessing_for
+from clml_core.models import Preprocessing
 from clml_core.paths import DATA_DIR
 
 
@@ -49,15 +49,18 @@ def _image_names(dataset: MultiLabelDataset) -> list[str]:
     return [f"{dataset.name or 'image'}_{i:06d}" for i in range(len(dataset))]
 
 
-def _apply_protocol(config: TrainConfig, dataset: MultiLabelDataset, seed: int) -> MultiLabelDataset:
-    data = config.data
-    if data.protocol == "full":
+def apply_protocol(
+    dataset: MultiLabelDataset, protocol: str, seed: int, *, fraction: float = 1.0, observed_file: str = ""
+) -> MultiLabelDataset:
+    """``dataset`` with the observed labels of a missing-label protocol (config fields data.protocol, data.fraction,
+    data.observed_file), drawn under ``seed``."""
+    if protocol == "full":
         return dataset.with_observed(dataset.labels)
-    if data.protocol == "keep_fraction":
-        return dataset.with_observed(keep_fraction(dataset.labels, data.fraction, seed))
-    if data.protocol == "single_positive":
+    if protocol == "keep_fraction":
+        return dataset.with_observed(keep_fraction(dataset.labels, fraction, seed))
+    if protocol == "single_positive":
         return dataset.with_observed(single_positive(dataset.labels, seed))
-    observed = read_observed(data.observed_file, _image_names(dataset), dataset.num_classes)
+    observed = read_observed(observed_file, _image_names(dataset), dataset.num_classes)
     return dataset.with_observed(observed)
 
 
@@ -69,110 +72,125 @@ DEFAULT_SPLITS: dict[str, tuple[str, str]] = {
 }
 
 
-def split_names(config: TrainConfig) -> tuple[str, str]:
+def split_names(data: DataConfig) -> tuple[str, str]:
     """The train and test split a real dataset reads: ``data.train_split`` / ``data.test_split`` or the defaults."""
-    default_train, default_test = DEFAULT_SPLITS[config.data.dataset]
-    return config.data.train_split or default_train, config.data.test_split or default_test
+    default_train, default_test = DEFAULT_SPLITS[data.dataset]
+    return data.train_split or default_train, data.test_split or default_test
 
 
-def load_sources(config: TrainConfig) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+def load_sources(data: DataConfig) -> tuple[MultiLabelDataset, MultiLabelDataset]:
     """The whole train and test split of a real dataset as its files give them (no protocol, no validation carve);
     with ``data.test_fraction > 0`` only the train split is read and the test split is carved from it.
 
     Raises:
         FileNotFoundError, ValueError: the loader's error, naming the missing or malformed file.
     """
-    train_split, test_split = split_names(config)
-    if config.data.test_fraction:
-        return carve_test(config, _load_real(config, train_split))
-    return _load_real(config, train_split), _load_real(config, test_split)
+    train_split, test_split = split_names(data)
+    if data.test_fraction:
+        return carve_test(load_real(data.dataset, data.root, train_split), data.test_fraction, data.split_seed)
+    return load_real(data.dataset, data.root, train_split), load_real(data.dataset, data.root, test_split)
 
 
-def carve_test(config: TrainConfig, source: MultiLabelDataset) -> tuple[MultiLabelDataset, MultiLabelDataset]:
-    """(rest, test) of ``source``: ``data.test_fraction`` of it, seeded by ``data.split_seed``, on the full labels."""
-    rest, test = train_val_split(len(source), config.data.test_fraction, config.data.split_seed, labels=source.labels)
+def carve_test(source: MultiLabelDataset, fraction: float, seed: int) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+    """(rest, test) of ``source``: ``fraction`` of it, seeded by ``seed``, on the full labels."""
+    rest, test = train_val_split(len(source), fraction, seed, labels=source.labels)
     return source.subset(rest), source.subset(test)
 
 
-def image_size(config: TrainConfig) -> int:
-    """The side images are resized to: ``data.image_size``, or the backbone's native size when it is 0."""
-    return config.data.image_size or preprocessing_for(config.model.arch).input_size
+def image_size(requested: int, preprocessing: Preprocessing) -> int:
+    """The side images are resized to: ``requested`` (config field data.image_size), or the backbone's native input
+    size when it is 0."""
+    return requested or preprocessing.input_size
 
 
-def train_transform_for(config: TrainConfig, preprocessing: Preprocessing | None = None, *, to_float: bool = False):
-    """The training augmentation of ``data.augment`` at the run's image size (None: no augmentation)."""
-    preprocessing = preprocessing or preprocessing_for(config.model.arch)
-    size = image_size(config)
-    if config.data.augment == "authors":
+def train_transform_for(augment: str, size: int, preprocessing: Preprocessing, *, to_float: bool = False):
+    """The training augmentation ``augment`` (config field data.augment) at side ``size`` (None: no augmentation)."""
+    if augment == "authors":
         return train_transform(size, randaugment=True, cutout=True, to_float=to_float)
-    if config.data.augment == "crop_flip":
+    if augment == "crop_flip":
         return crop_flip_transform(size, interpolation=preprocessing.interpolation, to_float=to_float)
     return None
 
 
-def _load_real(config: TrainConfig, split: str) -> MultiLabelDataset:
-    data = config.data
-    if data.dataset == "coco":
-        return load_coco(data.root, split)
-    if data.dataset == "voc":
-        return load_voc(data.root, "2007", split)
-    return load_nuswide(data.root, split)
+def load_real(dataset: str, root: str, split: str) -> MultiLabelDataset:
+    """Split ``split`` of the real dataset ``dataset`` (coco, voc or nuswide) under ``root``."""
+    if dataset == "coco":
+        return load_coco(root, split)
+    if dataset == "voc":
+        return load_voc(root, "2007", split)
+    return load_nuswide(root, split)
 
 
-def _packed(config: TrainConfig, dataset: MultiLabelDataset, split: str) -> MultiLabelDataset:
-    """``dataset`` (a whole source split) read from its packed cache, built once per split and image size.
+def cache_folder(cache_dir: str) -> Path:
+    """Where packed caches and feature stores live (config field data.cache_dir; "" = data/cache)."""
+    return Path(cache_dir) if cache_dir else DATA_DIR / "cache"
+
+
+def packed(dataset: MultiLabelDataset, split: str, size: int, data: DataConfig, progress: bool) -> MultiLabelDataset:
+    """``dataset`` (a whole source split) read from its packed cache, built once per split and image size (config
+    fields data.cache_dir, data.cache_format, data.cache_quality).
 
     Protocols and the train / validation carve index rows of this one cache. Under DDP rank 0 builds it while
     the other ranks wait at a barrier, then open it.
     """
-    data = config.data
-    folder = (Path(data.cache_dir) if data.cache_dir else DATA_DIR / "cache") / data.dataset
+    name = f"{Path(split).stem}-{size}px"
+    name += f"-q{data.cache_quality}.jpegs" if data.cache_format == "jpeg" else ".npy"
     with dist_utils.rank_zero_first():
-        size = image_size(config)
-        name = f"{Path(split).stem}-{size}px"
-        name += f"-q{data.cache_quality}.jpegs" if data.cache_format == "jpeg" else ".npy"
         cache = build_packed_cache(
             dataset,
             size,
-            folder / name,
+            cache_folder(data.cache_dir) / data.dataset / name,
             fmt=data.cache_format,
             quality=data.cache_quality,
-            progress=config.progress,
+            progress=progress,
         )
     return cache.dataset(dataset)
 
 
-def build_splits(config: TrainConfig) -> Splits:
-    """Datasets with the missing-label protocol applied to train and validation (test keeps its full labels)."""
-    data = config.data
+def _observed_splits(data: DataConfig, size: int, progress: bool) -> tuple[MultiLabelDataset, ...]:
+    """(train, val, test) with the protocol applied to train and validation."""
     if data.dataset == "synthetic":
-        side = data.synthetic_image_size or image_size(config)  # generated at this side, resized to image_size
+        side = data.synthetic_image_size or size  # generated at this side, resized to image_size
         synthetic = SyntheticConfig(image_size=side, seed=data.synthetic_seed, **SYNTHETIC_SIZES[data.synthetic_size])
-        parts = load_synthetic(synthetic, progress=config.progress)
-        train = _apply_protocol(config, parts["train"], data.protocol_seed)
-        val = _apply_protocol(config, parts["val"], data.protocol_seed + 1)
-        test = parts["test"]
+        parts = load_synthetic(synthetic, progress=progress)
+        protocol = {"fraction": data.fraction, "observed_file": data.observed_file}
+        train = apply_protocol(parts["train"], data.protocol, data.protocol_seed, **protocol)
+        val = apply_protocol(parts["val"], data.protocol, data.protocol_seed + 1, **protocol)
+        return train, val, parts["test"]
+    train_split, test_split = split_names(data)
+    if data.test_fraction:  # carve the test split from the (packed) train split
+        source = load_real(data.dataset, data.root, train_split)
+        source = packed(source, train_split, size, data, progress) if data.packed_cache else source
+        full_train, test = carve_test(source, data.test_fraction, data.split_seed)
     else:
-        train_split, test_split = split_names(config)
-        if data.test_fraction:  # carve the test split from the (packed) train split
-            source = _load_real(config, train_split)
-            full_train, test = carve_test(config, _packed(config, source, train_split) if data.packed_cache else source)
-        else:
-            full_train, test = load_sources(config)
-            if data.packed_cache:
-                full_train, test = _packed(config, full_train, train_split), _packed(config, test, test_split)
-        observed_train = _apply_protocol(config, full_train, data.protocol_seed)
-        train_idx, val_idx = train_val_split(
-            len(observed_train), data.val_fraction, data.protocol_seed, labels=observed_train.observed
-        )
-        train, val = observed_train.subset(train_idx), observed_train.subset(val_idx)
+        full_train, test = load_sources(data)
+        if data.packed_cache:
+            full_train = packed(full_train, train_split, size, data, progress)
+            test = packed(test, test_split, size, data, progress)
+    observed_train = apply_protocol(
+        full_train, data.protocol, data.protocol_seed, fraction=data.fraction, observed_file=data.observed_file
+    )
+    train_idx, val_idx = train_val_split(
+        len(observed_train), data.val_fraction, data.protocol_seed, labels=observed_train.observed
+    )
+    return observed_train.subset(train_idx), observed_train.subset(val_idx), test
+
+
+def build_splits(data: DataConfig, preprocessing: Preprocessing, *, progress: bool = True) -> Splits:
+    """Datasets with the missing-label protocol applied to train and validation (test keeps its full labels).
+
+    Args:
+        data: the run's data configuration.
+        preprocessing: the backbone's (its native input size and interpolation).
+        progress: show progress bars while a dataset or cache is built.
+    """
+    size = image_size(data.image_size, preprocessing)
+    train, val, test = _observed_splits(data, size, progress)
     if data.limit_train:
         train = train.subset(np.arange(min(data.limit_train, len(train))))
     if data.val_labels == "full":
         val = val.with_observed(val.labels)
-    size = image_size(config)
-    preprocessing = preprocessing_for(config.model.arch)
-    augmentation = train_transform_for(config, preprocessing)
+    augmentation = train_transform_for(data.augment, size, preprocessing)
     splits = Splits(
         train=train.with_transform(augmentation or _plain(train, size, preprocessing)),
         val=val.with_transform(_plain(val, size, preprocessing)),

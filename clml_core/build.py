@@ -1,0 +1,234 @@
+"""The composition root of a training run: every part built once from the configuration, in phases.
+
+:func:`build_run` reads the configuration and hands the :class:`~clml_core.engine.Trainer` built parts and plain
+values (:class:`RunParts`, :class:`LoopSettings`); nothing below it sees the whole configuration. The phases run
+in a fixed order, since the model's initialisation draws from the random state that seeding and the data left:
+
+1. device and seeds;
+2. data: the splits with the missing-label protocol (:mod:`clml_core.data.splits`);
+3. model: the network, frozen as ``model.train_mode`` says, the feature store in the frozen mode
+   (:mod:`clml_core.features`), its ``model_spec``, and the module a batch goes through (DDP, compile);
+4. optimisation: Adam, the batches, the schedule, the EMA of the weights and the loss scaler;
+5. objective: the base loss, the CLML term and the correction schedule (:mod:`clml_core.objective`).
+
+Three training modes (``model.train_mode``), one engine: ``end_to_end`` trains every weight (the paper); ``partial``
+trains the last ``model.trainable_stages`` backbone stages and keeps the rest frozen (weights and BatchNorm
+statistics); ``frozen`` runs the backbone once per image and augmented view into a feature store
+(:mod:`clml_core.features`) and trains the projection head and the classifier on the cached features. In the frozen
+mode with given weights the checkpoints leave the unchanged backbone out and the ``model_spec`` says where its
+weights come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from clml_core import distributed as dist_utils
+from clml_core.config import ModelConfig, OptimConfig, TrainConfig
+from clml_core.data.splits import Splits, build_splits, cache_folder, image_size
+from clml_core.devices import select_device
+from clml_core.evaluate import model_spec
+from clml_core.features import feature_splits
+from clml_core.loaders import EpochBatches, eval_loader, train_loader
+from clml_core.losses import CLMLLoss, make_base_loss
+from clml_core.losses.authors import AuthorsCLMLLoss
+from clml_core.models import FeatureHead, MultiLabelNet, build_model, param_groups, preprocessing_for
+from clml_core.objective import BaseLossInputs, CorrectionSchedule, TrainingObjective
+from clml_core.train_state import DeviceEMA, seed_everything
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The values the training loop reads (from the configuration's fields of the same names)."""
+
+    name: str
+    last_epoch: int  # optim.stop_epoch, or optim.epochs
+    log_every: int
+    checkpoint_every: int
+    progress: bool
+    tensorboard: bool
+    save_embeddings: bool
+    amp: str  # optim.amp
+    channels_last: bool  # model.channels_last
+    grad_clip: float  # optim.grad_clip (0: none)
+    static_loss_scale: float  # optim.loss_scale without loss_scale_doublings (0: none)
+
+
+@dataclass
+class RunParts:
+    """Everything a run trains with, built by :func:`build_run`.
+
+    Attributes:
+        device: where it computes.
+        splits: train / val / test datasets (cached features in the frozen mode).
+        model: the network (its weights are what checkpoints keep).
+        net: what a training batch goes through: the model, its head alone on cached features, DDP, compiled.
+        frozen: the backbone is frozen and its features cached (batches are features, not images).
+        spec: the ``model_spec`` that rebuilds the model (see :func:`clml_core.evaluate.model_spec`).
+        loader, val_loader: the seeded training batches and the validation batches in row order.
+        optimizer, scheduler, ema, scaler: Adam, its schedule (stepped every step), the EMA (or None), the scaler.
+        objective: the training objective.
+        settings: the loop's values.
+    """
+
+    device: torch.device
+    splits: Splits
+    model: MultiLabelNet
+    net: nn.Module
+    frozen: bool
+    spec: dict[str, Any]
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: DeviceEMA | None
+    scaler: torch.amp.GradScaler
+    objective: TrainingObjective
+    settings: LoopSettings
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.loader.batch_sampler.steps
+
+    def runnable(self, model: MultiLabelNet) -> nn.Module:
+        """What a batch of this run goes through for ``model`` (the model, or its EMA copy): its head alone on
+        cached features in the frozen mode."""
+        return FeatureHead(model) if self.frozen else model
+
+
+def build_run(config: TrainConfig) -> RunParts:
+    """Build every part of a run from a resolved configuration (see the module docstring for the phases)."""
+    # ---------------------------------------------------------------------------------- device and seeds
+    device = select_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    # ------------------------------------------------------------------------------------------------ data
+    preprocessing = preprocessing_for(config.model.arch)
+    splits = build_splits(config.data, preprocessing, progress=config.progress)
+    # ----------------------------------------------------------------------------------------------- model
+    data, frozen = config.data, config.model.train_mode == "frozen"
+    size = image_size(data.image_size, preprocessing)
+    model = build_network(config.model, splits.train.num_classes, device)
+    if frozen:
+        folder = cache_folder(data.cache_dir) / "features"
+        splits = feature_splits(
+            splits, model, size=size, augment=data.augment, views=data.feature_views, folder=folder,
+            workers=data.workers, progress=config.progress, device=device,
+        )  # fmt: skip
+    spec = model_spec(model, config.model, splits.train.classes, size)
+    net = _trainable(FeatureHead(model) if frozen else model, device, config.model.compile)
+    # ---------------------------------------------------------------------------------------- optimisation
+    optim = config.optim
+    optimizer = torch.optim.Adam(param_groups(model, optim.weight_decay), lr=optim.lr)
+    batches = EpochBatches(len(splits.train), optim.batch_size, config.seed, dist_utils.rank(), dist_utils.world_size())
+    augment = data.augment != "none"
+    loader = train_loader(splits.train, batches, seed=config.seed, augment=augment, workers=data.workers, device=device)
+    val_loader = eval_loader(splits.val, optim.batch_size, data.workers, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every training batch has the same shape (remainder dropped)
+    scheduler = _scheduler(optimizer, optim, batches.steps)
+    ema = DeviceEMA(model, optim.ema_decay) if optim.ema_decay > 0 else None
+    scaler = _grad_scaler(optim, device, batches.steps * (optim.stop_epoch or optim.epochs))
+    # ------------------------------------------------------------------------------------------- objective
+    objective = build_objective(config)
+    return RunParts(
+        device=device, splits=splits, model=model, net=net, frozen=frozen, spec=spec, loader=loader,
+        val_loader=val_loader, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler,
+        objective=objective, settings=loop_settings(config),
+    )  # fmt: skip
+
+
+def build_network(model: ModelConfig, num_classes: int, device: torch.device) -> MultiLabelNet:
+    """The network of ``model`` on ``device``, its backbone frozen as ``model.train_mode`` says."""
+    network = build_model(
+        model.arch,
+        num_classes,
+        weights=model.weights,
+        proj_dim=model.proj_dim,
+        proj_hidden_dim=model.proj_hidden_dim,
+        widths=model.widths,
+        classify_embeddings=model.classify_embeddings,
+    )
+    mode = model.train_mode
+    network.freeze_backbone(0 if mode == "frozen" else model.trainable_stages if mode == "partial" else None)
+    network = network.to(device)
+    if model.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
+def _trainable(net: nn.Module, device: torch.device, compile_: bool) -> nn.Module:
+    """``net`` wrapped for training: in DDP under several processes, compiled with ``model.compile``."""
+    if dist_utils.is_distributed():
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(net) if compile_ else net
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> Any:
+    """OneCycle over the run's ``optim.epochs`` (stepped every step), or a constant learning rate."""
+    if optim.schedule == "onecycle":
+        total, warmup = optim.epochs * max(steps_per_epoch, 1), optim.pct_start
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optim.lr, total_steps=total, pct_start=warmup)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _grad_scaler(optim: OptimConfig, device: torch.device, steps: int) -> torch.amp.GradScaler:
+    """The run's GradScaler: PyTorch's dynamic one for fp16; with ``optim.loss_scale`` and
+    ``optim.loss_scale_doublings`` the same dynamic scaler in any precision (the authors' release ran it in fp32),
+    from that scale, doubling every ``steps / loss_scale_doublings`` overflow-free steps of the run's ``steps``;
+    otherwise disabled (a static ``optim.loss_scale`` is applied by the training step)."""
+    if optim.loss_scale and optim.loss_scale_doublings:
+        interval = max(1, int(steps / optim.loss_scale_doublings))
+        return torch.amp.GradScaler(device.type, init_scale=optim.loss_scale, growth_interval=interval)
+    return torch.amp.GradScaler(device.type, enabled=optim.amp == "fp16")
+
+
+def build_objective(config: TrainConfig) -> TrainingObjective:
+    """The training objective of ``config.loss`` and ``config.clml``.
+
+    Labels were validated when the datasets were built, and a non-finite loss stops the run with its own message,
+    so the losses skip their per-call value checks (a device synchronisation each on a GPU).
+    """
+    loss, clml = config.loss, config.clml
+    base = make_base_loss(loss.base, reduction=loss.reduction, check_values=False, **dict(loss.kwargs))
+    if clml.authors_release:
+        term: nn.Module | None = AuthorsCLMLLoss(lam=clml.lam, delta=clml.delta)
+    elif clml.enabled:
+        term = CLMLLoss(clml.lam, clml.delta, clml.local_weight, clml.global_weight, check_values=False)
+    else:
+        term = None
+    # Correction feeds the CLML groups, and the base loss too with correct_base (also without a CLML term).
+    read = clml.enabled or clml.authors_release or clml.correct_base
+    correction = CorrectionSchedule(
+        enabled=clml.correction and read,
+        start_epoch=clml.correction_start_epoch,
+        tau=clml.tau,
+        quantile=clml.quantile or None,
+        feeds_base=clml.correct_base,
+    )
+    rate = loss.llr_rate_per_epoch if loss.base == "ll-r" else None
+    inputs = BaseLossInputs(splc_start_epoch=loss.splc_start_epoch, reject_rate_per_epoch=rate)
+    scale = dist_utils.world_size() if loss.reduction == "sum" else 1  # see clml_core.distributed
+    return TrainingObjective(base, term, correction, inputs, base_scale=scale)
+
+
+def loop_settings(config: TrainConfig) -> LoopSettings:
+    optim = config.optim
+    return LoopSettings(
+        name=config.name,
+        last_epoch=optim.stop_epoch or optim.epochs,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        progress=config.progress,
+        tensorboard=config.tensorboard,
+        save_embeddings=config.save_embeddings,
+        amp=optim.amp,
+        channels_last=config.model.channels_last,
+        grad_clip=optim.grad_clip,
+        static_loss_scale=optim.loss_scale if not optim.loss_scale_doublings else 0.0,
+    )
