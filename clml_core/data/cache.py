@@ -285,8 +285,14 @@ def _pack(
         tmp_offsets.unlink(missing_ok=True)
 
 
-def _write_sidecar(path: Path, meta: dict) -> None:
-    """Write ``meta`` as ``path``'s JSON sidecar through a temporary file, so it appears whole or not at all."""
+def _write_sidecar(path: Path, n: int, size: int, fingerprint: str, source: str, fmt: str, quality: int) -> None:
+    """Write ``path``'s JSON sidecar through a temporary file, so it appears whole or not at all.
+
+    A raw cache's sidecar has no format and quality keys, as before jpeg caches existed.
+    """
+    meta = {"version": CACHE_VERSION, "n": n, "size": size, "fingerprint": fingerprint, "source": source}
+    if fmt == "jpeg":
+        meta |= {"format": fmt, "quality": quality}
     sidecar = _sidecar(path)
     tmp_meta = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2))
@@ -340,14 +346,5 @@ def build_packed_cache(
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     path.parent.mkdir(parents=True, exist_ok=True)
     _pack(dataset, size, path, fmt, quality, workers, progress)
-    meta = {
-        "version": CACHE_VERSION,
-        "n": len(dataset),
-        "size": size,
-        "fingerprint": fingerprint,
-        "source": dataset.name,
-    }
-    if fmt == "jpeg":
-        meta |= {"format": fmt, "quality": quality}
-    _write_sidecar(path, meta)
+    _write_sidecar(path, len(dataset), size, fingerprint, dataset.name, fmt, quality)
     return PackedCache.open(path)
