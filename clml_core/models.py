@@ -453,6 +453,33 @@ def _load_backbone(backbone: nn.Module, state: Mapping[str, Tensor], source: str
     backbone.load_state_dict(state)
 
 
+def _random_backbone(arch: str, widths: Sequence[int] | None) -> tuple[nn.Module, int]:
+    """The randomly initialised backbone of ``arch`` (images in, (B, num_features) pooled features out) and
+    its ``num_features``."""
+    if arch == "smallcnn":
+        small = SmallCNN(widths if widths is not None else (32, 64, 128, 256))
+        return small, small.num_features
+    if widths is not None:
+        raise ValueError(f"build_model({arch!r}): widths applies to 'smallcnn' only")
+    if arch in _LITE:
+        import timm
+
+        lite = timm.create_model(_LITE[arch].timm_name, pretrained=False, num_classes=0)  # pooled features out
+        return lite, lite.num_features
+    resnet = _RESNETS[arch][0](weights=None)
+    num_features = resnet.fc.in_features
+    resnet.fc = nn.Identity()  # (B, num_features) pooled features out
+    return resnet, num_features
+
+
+def _load_weights(backbone: nn.Module, arch: str, resolved: WeightsEnum | Path | None) -> None:
+    """Load the weights :func:`_resolve_weights` named into ``backbone``: a local file, a download, or none."""
+    if isinstance(resolved, Path):
+        _load_backbone(backbone, _read_state_dict(resolved), str(resolved))
+    elif resolved is not None:
+        _load_backbone(backbone, _download_state_dict(arch, resolved), f"{arch} {resolved.name}")
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -493,27 +520,8 @@ def build_model(
     if arch not in ARCHS:
         raise ValueError(f"build_model: unknown arch {arch!r}; valid names are {list(ARCHS)}")
     resolved = _resolve_weights(arch, weights)
-    if arch == "smallcnn":
-        backbone: nn.Module = SmallCNN(widths if widths is not None else (32, 64, 128, 256))
-        num_features = backbone.num_features
-    elif arch in _LITE:
-        if widths is not None:
-            raise ValueError(f"build_model({arch!r}): widths applies to 'smallcnn' only")
-        import timm
-
-        backbone = timm.create_model(_LITE[arch].timm_name, pretrained=False, num_classes=0)  # pooled features out
-        num_features = backbone.num_features
-    else:
-        if widths is not None:
-            raise ValueError(f"build_model({arch!r}): widths applies to 'smallcnn' only")
-        resnet = _RESNETS[arch][0](weights=None)
-        num_features = resnet.fc.in_features
-        resnet.fc = nn.Identity()  # (B, num_features) pooled features out
-        backbone = resnet
-    if isinstance(resolved, Path):
-        _load_backbone(backbone, _read_state_dict(resolved), str(resolved))
-    elif resolved is not None:
-        _load_backbone(backbone, _download_state_dict(arch, resolved), f"{arch} {resolved.name}")
+    backbone, num_features = _random_backbone(arch, widths)
+    _load_weights(backbone, arch, resolved)
     return MultiLabelNet(
         backbone,
         num_features,

@@ -390,6 +390,62 @@ def test_download_resumes_a_partial_file(tmp_path, range_server):
     assert dest2.read_bytes() == payload
 
 
+class _IgnoresRangeHandler(_RangeHandler):
+    """Answers every request with the whole payload (200), as a server without range support does."""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        type(self).ranges.append(self.headers.get("Range"))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload)
+
+
+class _WrongRangeHandler(_RangeHandler):
+    """Answers a range request with 206 but a range other than the one asked for."""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes 0-{len(self.payload) - 1}/{len(self.payload)}")
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload)
+
+
+def _serve(handler: type) -> tuple[http.server.HTTPServer, str]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/archive.zip"
+
+
+def test_download_restarts_when_the_server_ignores_the_range(tmp_path):
+    payload = _RangeHandler.payload
+    dest = tmp_path / "archive.zip"
+    partial_path(dest).write_bytes(b"stale bytes that must not stay in front")
+    _IgnoresRangeHandler.ranges = []
+    server, url = _serve(_IgnoresRangeHandler)
+    try:
+        download_url(url, dest, md5=hashlib.md5(payload).hexdigest(), progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _IgnoresRangeHandler.ranges == ["bytes=39-"]
+    assert dest.read_bytes() == payload and not partial_path(dest).exists()
+
+
+def test_download_refuses_a_range_other_than_the_one_asked_for(tmp_path):
+    dest = tmp_path / "archive.zip"
+    partial_path(dest).write_bytes(_RangeHandler.payload[:100])
+    server, url = _serve(_WrongRangeHandler)
+    try:
+        with pytest.raises(OSError, match=r"asked for bytes from 100, server sent range 'bytes 0-4999/5000'"):
+            download_url(url, dest, progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert partial_path(dest).read_bytes() == _RangeHandler.payload[:100] and not dest.exists()
+
+
 def test_extract_zip_once_and_refuses_escaping_members(tmp_path):
     archive = tmp_path / "train2014.zip"
     with zipfile.ZipFile(archive, "w") as zf:

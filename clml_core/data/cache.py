@@ -27,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,94 @@ def _rows_in_order(pool: ThreadPoolExecutor | None, work, n: int, workers: int):
         yield from pool.map(work, range(start, min(n, start + chunk)))
 
 
+def _check_build_arguments(dataset: MultiLabelDataset, size: int, fmt: str, quality: int) -> None:
+    """Raise a ValueError naming the argument of :func:`build_packed_cache` that cannot be packed."""
+    if dataset.image_paths is None:
+        raise ValueError(f"dataset {dataset.name!r} has no image files to cache; its images are already an array")
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    if fmt not in FORMATS:
+        raise ValueError(f"packed cache format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "jpeg" and not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
+
+
+def _reusable_cache(path: Path, fingerprint: str) -> PackedCache | None:
+    """The cache at ``path`` if it opens and was built from the source with ``fingerprint``, else None."""
+    if not (path.is_file() and _sidecar(path).is_file()):
+        return None
+    try:
+        cache = PackedCache.open(path)
+    except ValueError:
+        return None  # unreadable or stale layout: rebuilt
+    return cache if cache.fingerprint == fingerprint else None
+
+
+def _write_raw(tmp: Path, rows: Iterator[np.ndarray], shape: tuple[int, int, int, int], bar: tqdm) -> None:
+    """Write (size, size, 3) uint8 ``rows`` into a new .npy array of ``shape`` (N, size, size, 3) at ``tmp``."""
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    for i, image in enumerate(rows):
+        out[i] = image
+        bar.update()
+    out.flush()  # the memmap closes when this function returns, before the file is moved
+
+
+def _write_jpeg(tmp: Path, tmp_offsets: Path, rows: Iterator[np.ndarray], n: int, bar: tqdm) -> None:
+    """Write ``n`` encoded ``rows`` (1-D uint8) back to back to ``tmp``, their (n + 1,) offsets to ``tmp_offsets``."""
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    with tmp.open("wb") as handle:
+        for i, encoded in enumerate(rows):
+            handle.write(encoded.tobytes())
+            offsets[i + 1] = offsets[i] + encoded.shape[0]
+            bar.update()
+    np.save(tmp_offsets, offsets)
+
+
+def _pack(
+    dataset: MultiLabelDataset, size: int, path: Path, fmt: str, quality: int, workers: int, progress: bool
+) -> None:
+    """Write the image data (and a jpeg cache's offsets) to temporary files and move them onto ``path``.
+
+    The old sidecar is removed before the move, so until :func:`_write_sidecar` runs the cache reads as invalid; on
+    an error the temporary files are removed and the images still queued are skipped.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp_offsets = path.with_name(f".{path.name}.{os.getpid()}.offsets.tmp.npy")
+    n = len(dataset)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        with tqdm(total=n, desc=f"packing {dataset.name or 'images'} at {size}px", disable=not progress) as bar:
+            if fmt == "raw":
+                decode = partial(_decode_resized, dataset, size=size)
+                _write_raw(tmp, _rows_in_order(pool, decode, n, workers), (n, size, size, 3), bar)
+            else:
+                encode = partial(_encoded_resized, dataset, size=size, quality=quality)
+                _write_jpeg(tmp, tmp_offsets, _rows_in_order(pool, encode, n, workers), n, bar)
+        _sidecar(path).unlink(missing_ok=True)
+        if fmt == "jpeg":
+            os.replace(tmp_offsets, _offsets_file(path))
+        os.replace(tmp, path)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error, skip the queued images
+        tmp.unlink(missing_ok=True)
+        tmp_offsets.unlink(missing_ok=True)
+
+
+def _write_sidecar(path: Path, n: int, size: int, fingerprint: str, source: str, fmt: str, quality: int) -> None:
+    """Write ``path``'s JSON sidecar through a temporary file, so it appears whole or not at all.
+
+    A raw cache's sidecar has no format and quality keys, as before jpeg caches existed.
+    """
+    meta = {"version": CACHE_VERSION, "n": n, "size": size, "fingerprint": fingerprint, "source": source}
+    if fmt == "jpeg":
+        meta |= {"format": fmt, "quality": quality}
+    sidecar = _sidecar(path)
+    tmp_meta = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_meta, sidecar)
+
+
 def build_packed_cache(
     dataset: MultiLabelDataset,
     size: int,
@@ -247,63 +336,15 @@ def build_packed_cache(
             the file); no cache is written.
     """
     path = Path(path)
-    if dataset.image_paths is None:
-        raise ValueError(f"dataset {dataset.name!r} has no image files to cache; its images are already an array")
-    if size < 1:
-        raise ValueError(f"size must be a positive number of pixels, got {size}")
-    if fmt not in FORMATS:
-        raise ValueError(f"packed cache format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "jpeg" and not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
+    _check_build_arguments(dataset, size, fmt, quality)
     quality = quality if fmt == "jpeg" else 0
     fingerprint = source_fingerprint(dataset.image_paths, size, fmt, quality)
-    sidecar = _sidecar(path)
-    if not force and path.is_file() and sidecar.is_file():
-        try:
-            cache = PackedCache.open(path)
-        except ValueError:
-            cache = None  # unreadable or stale layout: rebuilt below
-        if cache is not None and cache.fingerprint == fingerprint:
-            return cache
+    cache = None if force else _reusable_cache(path, fingerprint)
+    if cache is not None:
+        return cache
 
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp_offsets = path.with_name(f".{path.name}.{os.getpid()}.offsets.tmp.npy")
-    n = len(dataset)
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    try:
-        with tqdm(total=n, desc=f"packing {dataset.name or 'images'} at {size}px", disable=not progress) as bar:
-            if fmt == "raw":
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-                work = lambda j: _decode_resized(dataset, j, size)  # noqa: E731
-                for i, image in enumerate(_rows_in_order(pool, work, n, workers)):
-                    out[i] = image
-                    bar.update()
-                out.flush()
-                del out
-            else:
-                offsets = np.zeros(n + 1, dtype=np.int64)
-                with tmp.open("wb") as handle:
-                    code = lambda j: _encoded_resized(dataset, j, size, quality)  # noqa: E731
-                    for i, encoded in enumerate(_rows_in_order(pool, code, n, workers)):
-                        handle.write(encoded.tobytes())
-                        offsets[i + 1] = offsets[i] + encoded.shape[0]
-                        bar.update()
-                np.save(tmp_offsets, offsets)
-        sidecar.unlink(missing_ok=True)  # from here until the new sidecar exists the cache reads as invalid
-        if fmt == "jpeg":
-            os.replace(tmp_offsets, _offsets_file(path))
-        os.replace(tmp, path)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)  # after an error, skip the queued images
-        tmp.unlink(missing_ok=True)
-        tmp_offsets.unlink(missing_ok=True)
-    meta = {"version": CACHE_VERSION, "n": n, "size": size, "fingerprint": fingerprint, "source": dataset.name}
-    if fmt == "jpeg":
-        meta |= {"format": fmt, "quality": quality}
-    tmp_meta = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_meta, sidecar)
+    _pack(dataset, size, path, fmt, quality, workers, progress)
+    _write_sidecar(path, len(dataset), size, fingerprint, dataset.name, fmt, quality)
     return PackedCache.open(path)

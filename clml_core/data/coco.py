@@ -55,6 +55,75 @@ def _annotation_file(root: Path, split: str) -> Path:
     raise FileNotFoundError(f"COCO annotation file not found: {path}; {hint}")
 
 
+def _image_folder(root: Path, split: str, ann_path: Path) -> Path:
+    """``root/split``, the folder of the split's images; a FileNotFoundError says where they may be instead."""
+    image_dir = root / split
+    if image_dir.is_dir():
+        return image_dir
+    elsewhere = root / "images" / split
+    hint = (
+        f"; images found in {elsewhere} (a YOLO-style layout): move or link them to {image_dir}"
+        if elsewhere.is_dir()
+        else ""
+    )
+    raise FileNotFoundError(
+        f"COCO image folder not found: {image_dir} (annotations {ann_path.name} found; the official "
+        f"layout keeps the images of {split} in root/{split}/){hint}"
+    )
+
+
+def _read_annotations(ann_path: Path) -> dict[str, Any]:
+    """The annotation json, checked to hold ``images``, ``annotations`` and ``categories``."""
+    try:
+        with ann_path.open(encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ann_path}: not valid JSON ({err})") from err
+    _require(data, ("images", "annotations", "categories"), "the top level", ann_path)
+    return data
+
+
+def _sorted_categories(categories: list[Any], ann_path: Path) -> tuple[list[dict[str, Any]], dict[Any, int]]:
+    """The categories sorted by id, and the label column of each category id."""
+    for k, cat in enumerate(categories):
+        _require(cat, ("id", "name"), f"categories[{k}]", ann_path)
+    categories = sorted(categories, key=lambda c: c["id"])
+    if not categories:
+        raise ValueError(f"{ann_path}: 'categories' is empty")
+    column = {cat["id"]: k for k, cat in enumerate(categories)}
+    if len(column) != len(categories):
+        raise ValueError(f"{ann_path}: category ids are not unique")
+    return categories, column
+
+
+def _image_rows(images: list[Any], ann_path: Path) -> dict[Any, int]:
+    """The row of each image id: its position in the json's image list."""
+    if not images:
+        raise ValueError(f"{ann_path}: 'images' is empty")
+    row_of: dict[Any, int] = {}
+    for k, img in enumerate(images):
+        _require(img, ("id", "file_name"), f"images[{k}]", ann_path)
+        if img["id"] in row_of:
+            raise ValueError(f"{ann_path}: images[{k}] repeats image id {img['id']!r}")
+        row_of[img["id"]] = k
+    return row_of
+
+
+def _image_labels(annotations: list[Any], row_of: dict[Any, int], column: dict[Any, int], ann_path: Path) -> np.ndarray:
+    """(N, C) uint8 labels: 1 where at least one instance annotation of the image has the category."""
+    labels = np.zeros((len(row_of), len(column)), dtype=np.uint8)
+    for k, ann in enumerate(annotations):
+        _require(ann, ("image_id", "category_id"), f"annotations[{k}]", ann_path)
+        row = row_of.get(ann["image_id"])
+        if row is None:
+            raise ValueError(f"{ann_path}: annotations[{k}] refers to unknown image id {ann['image_id']!r}")
+        col = column.get(ann["category_id"])
+        if col is None:
+            raise ValueError(f"{ann_path}: annotations[{k}] refers to unknown category id {ann['category_id']!r}")
+        labels[row, col] = 1
+    return labels
+
+
 def load_coco(root: PathLike, split: str, *, empty_images: str = "drop") -> MultiLabelDataset:
     """Load one COCO split with image-level labels from the instance annotations.
 
@@ -80,55 +149,12 @@ def load_coco(root: PathLike, split: str, *, empty_images: str = "drop") -> Mult
         raise ValueError(f"empty_images must be one of {EMPTY_IMAGE_POLICIES}, got {empty_images!r}")
     root = Path(root)
     ann_path = _annotation_file(root, split)
-    image_dir = root / split
-    if not image_dir.is_dir():
-        elsewhere = root / "images" / split
-        hint = (
-            f"; images found in {elsewhere} (a YOLO-style layout): move or link them to {image_dir}"
-            if elsewhere.is_dir()
-            else ""
-        )
-        raise FileNotFoundError(
-            f"COCO image folder not found: {image_dir} (annotations {ann_path.name} found; the official "
-            f"layout keeps the images of {split} in root/{split}/){hint}"
-        )
-    try:
-        with ann_path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{ann_path}: not valid JSON ({err})") from err
-    _require(data, ("images", "annotations", "categories"), "the top level", ann_path)
-
-    categories = data["categories"]
-    for k, cat in enumerate(categories):
-        _require(cat, ("id", "name"), f"categories[{k}]", ann_path)
-    categories = sorted(categories, key=lambda c: c["id"])
-    if not categories:
-        raise ValueError(f"{ann_path}: 'categories' is empty")
-    column = {cat["id"]: k for k, cat in enumerate(categories)}
-    if len(column) != len(categories):
-        raise ValueError(f"{ann_path}: category ids are not unique")
-
+    image_dir = _image_folder(root, split, ann_path)
+    data = _read_annotations(ann_path)
+    categories, column = _sorted_categories(data["categories"], ann_path)
     images = data["images"]
-    if not images:
-        raise ValueError(f"{ann_path}: 'images' is empty")
-    row_of: dict[Any, int] = {}
-    for k, img in enumerate(images):
-        _require(img, ("id", "file_name"), f"images[{k}]", ann_path)
-        if img["id"] in row_of:
-            raise ValueError(f"{ann_path}: images[{k}] repeats image id {img['id']!r}")
-        row_of[img["id"]] = k
-
-    labels = np.zeros((len(images), len(categories)), dtype=np.uint8)
-    for k, ann in enumerate(data["annotations"]):
-        _require(ann, ("image_id", "category_id"), f"annotations[{k}]", ann_path)
-        row = row_of.get(ann["image_id"])
-        if row is None:
-            raise ValueError(f"{ann_path}: annotations[{k}] refers to unknown image id {ann['image_id']!r}")
-        col = column.get(ann["category_id"])
-        if col is None:
-            raise ValueError(f"{ann_path}: annotations[{k}] refers to unknown category id {ann['category_id']!r}")
-        labels[row, col] = 1
+    row_of = _image_rows(images, ann_path)
+    labels = _image_labels(data["annotations"], row_of, column, ann_path)  # (N, C)
 
     keep = labels.any(axis=1) if empty_images == "drop" else np.ones(len(images), dtype=bool)
     if not keep.any():

@@ -237,6 +237,51 @@ def shutdown_workers(loader: torch.utils.data.DataLoader) -> None:
     loader._iterator = None
 
 
+def _class_names(classes: Sequence[str]) -> list[str]:
+    """``classes`` as a list, checked to be at least one non-empty, unique string."""
+    classes = list(classes)
+    if not classes:
+        raise ValueError("classes must name at least one class")
+    for k, cls in enumerate(classes):
+        if not isinstance(cls, str) or not cls:
+            raise ValueError(f"classes[{k}] must be a non-empty string, got {cls!r}")
+    if len(set(classes)) != len(classes):
+        duplicates = sorted({c for c in classes if classes.count(c) > 1})
+        raise ValueError(f"classes must be unique, duplicated: {duplicates}")
+    return classes
+
+
+def _path_list(image_paths: Sequence[PathLike] | None, n: int) -> list[Path] | None:
+    """``image_paths`` as ``n`` Paths (None stays None), checked to be a sequence of one path per row."""
+    if image_paths is None:
+        return None
+    if isinstance(image_paths, (str, Path)):
+        raise ValueError("image_paths must be a sequence of paths, got a single path")
+    paths = [Path(p) for p in image_paths]
+    if len(paths) != n:
+        raise ValueError(f"image_paths has {len(paths)} entries but labels has {n} rows")
+    return paths
+
+
+def _image_store(images: np.ndarray | EncodedImages | None, n: int) -> np.ndarray | EncodedImages | None:
+    """``images`` itself (never copied; None stays None), checked to be ``n`` rows of (H, W, 3) uint8 or JPEGs."""
+    if images is None:
+        return None
+    if isinstance(images, EncodedImages):
+        if len(images) != n:
+            raise ValueError(f"encoded images has {len(images)} rows but labels has {n} rows")
+        return images
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"images must be a numpy array (or np.memmap), got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must have dtype uint8, got {images.dtype}")
+    if images.shape[0] != n:
+        raise ValueError(f"images has {images.shape[0]} rows but labels has {n} rows")
+    return images
+
+
 class MultiLabelDataset(torch.utils.data.Dataset):
     """Images with full labels and observed (possibly incomplete) labels.
 
@@ -270,51 +315,18 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         transform: Transform | None = None,
         name: str = "",
     ) -> None:
-        classes = list(classes)
-        if not classes:
-            raise ValueError("classes must name at least one class")
-        for k, cls in enumerate(classes):
-            if not isinstance(cls, str) or not cls:
-                raise ValueError(f"classes[{k}] must be a non-empty string, got {cls!r}")
-        if len(set(classes)) != len(classes):
-            duplicates = sorted({c for c in classes if classes.count(c) > 1})
-            raise ValueError(f"classes must be unique, duplicated: {duplicates}")
-        self.classes: list[str] = classes
-
+        self.classes: list[str] = _class_names(classes)
         self.labels: np.ndarray = _binary_matrix("labels", labels)
         n, c = self.labels.shape
-        if c != len(classes):
-            raise ValueError(f"labels has {c} columns but there are {len(classes)} classes")
-
+        if c != len(self.classes):
+            raise ValueError(f"labels has {c} columns but there are {len(self.classes)} classes")
         if image_paths is None and images is None:
             raise ValueError("give image_paths or images (or both); got neither")
-        self.image_paths: list[Path] | None = None
-        if image_paths is not None:
-            if isinstance(image_paths, (str, Path)):
-                raise ValueError("image_paths must be a sequence of paths, got a single path")
-            self.image_paths = [Path(p) for p in image_paths]
-            if len(self.image_paths) != n:
-                raise ValueError(f"image_paths has {len(self.image_paths)} entries but labels has {n} rows")
-
-        self._images: np.ndarray | None = None
+        self.image_paths: list[Path] | None = _path_list(image_paths, n)
+        self._images: np.ndarray | EncodedImages | None = _image_store(images, n)
         # Rows of `_images` backing this dataset's rows; None means row i is `_images[i]`.
         self._rows: np.ndarray | None = None
         self.encoded_items = False  # __getitem__ hands over JPEG bytes (see with_encoded_items)
-        if isinstance(images, EncodedImages):
-            if len(images) != n:
-                raise ValueError(f"encoded images has {len(images)} rows but labels has {n} rows")
-            self._images = images
-        elif images is not None:
-            if not isinstance(images, np.ndarray):
-                raise ValueError(f"images must be a numpy array (or np.memmap), got {type(images).__name__}")
-            if images.ndim != 4 or images.shape[3] != 3:
-                raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
-            if images.dtype != np.uint8:
-                raise ValueError(f"images must have dtype uint8, got {images.dtype}")
-            if images.shape[0] != n:
-                raise ValueError(f"images has {images.shape[0]} rows but labels has {n} rows")
-            self._images = images
-
         self.observed: np.ndarray = _binary_matrix(
             "observed", self.labels if observed is None else observed, self.labels.shape
         )

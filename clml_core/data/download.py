@@ -18,7 +18,7 @@ import urllib.request
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -83,6 +83,65 @@ def file_md5(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _body_start(url: str, response: Any, offset: int) -> int:
+    """Where ``response``'s body starts in the file: ``offset`` if the server honoured the range request, else 0.
+
+    Raises:
+        OSError: The server answered the range request with another range.
+    """
+    if not (offset > 0 and response.status == 206):
+        return 0  # the server sent the whole file
+    content_range = response.headers.get("Content-Range", "")
+    if not content_range.startswith(f"bytes {offset}-"):
+        raise OSError(f"{url}: asked for bytes from {offset}, server sent range {content_range!r}")
+    return offset
+
+
+def _fetch_rest(url: str, part: Path, desc: str, chunk_size: int, progress: bool) -> int | None:
+    """Append what ``part`` lacks of ``url`` to it (or rewrite it if the server sends the whole file).
+
+    Returns:
+        The full length of the file in bytes, or None if the server does not say.
+    """
+    offset = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as err:
+        # 416: the partial file already holds every byte (interrupted before the rename).
+        if err.code != 416 or not offset:
+            raise
+        return offset
+    with response:
+        start = _body_start(url, response, offset)
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        with (
+            part.open("ab" if start else "wb") as out,
+            tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar,
+        ):
+            for chunk in iter(lambda: response.read(chunk_size), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+    return total
+
+
+def _check_partial(url: str, part: Path, total: int | None, md5: str | None) -> None:
+    """Check that ``part`` holds all ``total`` bytes and has the MD5 ``md5``; a mismatching file is deleted.
+
+    Raises:
+        OSError: ``part`` is short (it is kept, to resume) or its MD5 differs (it is deleted).
+    """
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise OSError(f"download of {url} stopped at {size} of {total} bytes; call again to resume")
+    if md5 is not None:
+        actual = file_md5(part)
+        if actual != md5:
+            part.unlink()
+            raise OSError(f"MD5 of {url} is {actual}, expected {md5}; the partial file was deleted")
+
+
 def download_url(
     url: str, dest: PathLike, *, md5: str | None = None, chunk_size: int = 1 << 20, progress: bool = True
 ) -> Path:
@@ -113,44 +172,8 @@ def download_url(
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = partial_path(dest)
-    offset = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    total: int | None = None
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as err:
-        # 416: the partial file already holds every byte (interrupted before the rename).
-        if err.code != 416 or not offset:
-            raise
-        total = offset
-    else:
-        with response:
-            resumed = offset > 0 and response.status == 206
-            if resumed:
-                content_range = response.headers.get("Content-Range", "")
-                if not content_range.startswith(f"bytes {offset}-"):
-                    raise OSError(f"{url}: asked for bytes from {offset}, server sent range {content_range!r}")
-            else:
-                offset = 0  # the server sent the whole file
-            length = response.headers.get("Content-Length")
-            total = offset + int(length) if length is not None else None
-            with (
-                part.open("ab" if resumed else "wb") as out,
-                tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-                ) as bar,
-            ):
-                for chunk in iter(lambda: response.read(chunk_size), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise OSError(f"download of {url} stopped at {size} of {total} bytes; call again to resume")
-    if md5 is not None:
-        actual = file_md5(part)
-        if actual != md5:
-            part.unlink()
-            raise OSError(f"MD5 of {url} is {actual}, expected {md5}; the partial file was deleted")
+    total = _fetch_rest(url, part, dest.name, chunk_size, progress)
+    _check_partial(url, part, total, md5)
     part.replace(dest)
     return dest
 

@@ -31,6 +31,42 @@ from .dataset import MultiLabelDataset, PathLike
 _INDEX = re.compile(r"[0-9]+")
 
 
+def _parse_line(line: str, where: str, num_classes: int, allow_empty: bool) -> tuple[str, list[int]]:
+    """One stripped, non-blank line ``file_name,idx idx ...`` as its name and class indices (repeats kept).
+
+    Args:
+        line: The line without surrounding whitespace.
+        where: ``file:line`` for error messages.
+        num_classes: C; every index must be in ``[0, C)``.
+        allow_empty: Whether a line without an index is allowed.
+    """
+    # The index list never holds a comma, so the last comma separates it even if a name has one.
+    name, sep, rest = line.rpartition(",")
+    name = name.strip()
+    if not sep or not name:
+        raise ValueError(f"{where}: expected 'file_name,idx idx ...', got {line!r}")
+    indices: list[int] = []
+    for token in rest.split():
+        if not _INDEX.fullmatch(token):
+            raise ValueError(
+                f"{where}: class index {token!r} of {name!r} is not a non-negative integer "
+                f"(line {line!r}); fix or remove this line"
+            )
+        index = int(token)
+        if index >= num_classes:
+            raise ValueError(
+                f"{where}: class index {index} of {name!r} is out of range for "
+                f"{num_classes} classes (valid: 0..{num_classes - 1})"
+            )
+        indices.append(index)
+    if not indices and not allow_empty:
+        raise ValueError(
+            f"{where}: {name!r} lists no class index; pass allow_empty=True to read it as an "
+            "image with no positive label"
+        )
+    return name, indices
+
+
 def read_split_file(path: PathLike, num_classes: int, *, allow_empty: bool = False) -> tuple[list[str], np.ndarray]:
     """Parse a split file.
 
@@ -60,30 +96,7 @@ def read_split_file(path: PathLike, num_classes: int, *, allow_empty: bool = Fal
             line = raw.strip()
             if not line:
                 continue
-            # The index list never holds a comma, so the last comma separates it even if a name has one.
-            name, sep, rest = line.rpartition(",")
-            name = name.strip()
-            if not sep or not name:
-                raise ValueError(f"{path}:{lineno}: expected 'file_name,idx idx ...', got {line!r}")
-            indices: list[int] = []
-            for token in rest.split():
-                if not _INDEX.fullmatch(token):
-                    raise ValueError(
-                        f"{path}:{lineno}: class index {token!r} of {name!r} is not a non-negative integer "
-                        f"(line {line!r}); fix or remove this line"
-                    )
-                index = int(token)
-                if index >= num_classes:
-                    raise ValueError(
-                        f"{path}:{lineno}: class index {index} of {name!r} is out of range for "
-                        f"{num_classes} classes (valid: 0..{num_classes - 1})"
-                    )
-                indices.append(index)
-            if not indices and not allow_empty:
-                raise ValueError(
-                    f"{path}:{lineno}: {name!r} lists no class index; pass allow_empty=True to read it as an "
-                    "image with no positive label"
-                )
+            name, indices = _parse_line(line, f"{path}:{lineno}", num_classes, allow_empty)
             names.append(name)
             rows.append(indices)
     if not names:

@@ -642,6 +642,47 @@ def _verify(folder: Path, config: SyntheticConfig) -> None:
             raise ValueError(f"{path} is missing or its SHA-256 differs from {meta_path}; rerun with force=True")
 
 
+def _write_splits(folder: Path, config: SyntheticConfig, progress: bool) -> list[str]:
+    """Generate every split into ``folder``: ``images_{split}.npy`` and one ``labels.npz``; returns the file names."""
+    arrays = {}
+    for split in SPLITS:
+        images, labels, scenes = generate_split(config, split, progress=progress)
+        np.save(folder / f"images_{split}.npy", images)
+        arrays[f"labels_{split}"], arrays[f"scenes_{split}"] = labels, scenes
+    np.savez(folder / "labels.npz", **arrays)
+    return [f"images_{split}.npy" for split in SPLITS] + ["labels.npz"]
+
+
+def _write_meta(folder: Path, config: SyntheticConfig, files: list[str], start: float) -> None:
+    """Write ``meta.json``: generator version, config, class names, SHA-256 of ``files``, seconds since ``start``."""
+    meta = {
+        "generator_version": GENERATOR_VERSION,
+        "config": config.to_json(),
+        "classes": list(CLASS_NAMES[: config.num_classes]),
+        "textures": [TEXTURES[k % len(TEXTURES)] for k in range(config.num_classes)],
+        "sha256": {name: _sha256(folder / name) for name in files},
+        "generation_seconds": round(time.perf_counter() - start, 2),
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _move_into_place(tmp: Path, folder: Path, config: SyntheticConfig, force: bool) -> None:
+    """Rename the finished ``tmp`` to ``folder``, replacing an old copy when ``force``d.
+
+    If another process finished the same config first, its copy is verified and used instead.
+    """
+    if force and folder.exists():
+        old = tmp.with_suffix(".old")
+        os.replace(folder, old)
+        shutil.rmtree(old)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        _verify(folder, config)
+
+
 def make_synthetic(
     config: SyntheticConfig | None = None,
     out_dir: Path = DATA_DIR / "synthetic",
@@ -679,33 +720,9 @@ def make_synthetic(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", suffix=".tmp", dir=folder.parent))
     tmp.chmod(0o755)  # mkdtemp creates 0o700; the dataset folder gets the usual permissions
     try:
-        arrays = {}
-        for split in SPLITS:
-            images, labels, scenes = generate_split(config, split, progress=progress)
-            np.save(tmp / f"images_{split}.npy", images)
-            arrays[f"labels_{split}"], arrays[f"scenes_{split}"] = labels, scenes
-        np.savez(tmp / "labels.npz", **arrays)
-        files = [f"images_{split}.npy" for split in SPLITS] + ["labels.npz"]
-        meta = {
-            "generator_version": GENERATOR_VERSION,
-            "config": config.to_json(),
-            "classes": list(CLASS_NAMES[: config.num_classes]),
-            "textures": [TEXTURES[k % len(TEXTURES)] for k in range(config.num_classes)],
-            "sha256": {name: _sha256(tmp / name) for name in files},
-            "generation_seconds": round(time.perf_counter() - start, 2),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if force and folder.exists():
-            old = tmp.with_suffix(".old")
-            os.replace(folder, old)
-            shutil.rmtree(old)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not folder.is_dir():
-                raise
-            # Another process finished the same config first; its copy is verified and used instead.
-            _verify(folder, config)
+        files = _write_splits(tmp, config, progress)
+        _write_meta(tmp, config, files, start)
+        _move_into_place(tmp, folder, config, force)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
