@@ -6,14 +6,18 @@
 * :func:`label_set_groups`: each image named by its exact label set when that set is one of the most frequent
   (as in the paper's t-SNE figure), else ``other``.
 * :func:`group_silhouette`: scikit-learn's silhouette (cosine) of the named groups, ``other`` left out.
+* :func:`embedding_panels`: both numbers and a seeded 2-D UMAP map for each of several embeddings of the same
+  images (the panels of ``03_embeddings``).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
@@ -91,3 +95,73 @@ def group_silhouette(embeddings: np.ndarray, groups: np.ndarray, other: str = "o
     if len(set(groups[named])) < 2:
         return float("nan")
     return float(silhouette_score(embeddings[named], groups[named], metric="cosine"))
+
+
+def embedding_panels(
+    embeddings: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    groups: np.ndarray,
+    *,
+    k: int = 10,
+    index: np.ndarray | None = None,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    n_epochs: int = 500,
+    seed: int = 0,
+    other: str = "other",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """kNN label precision, silhouette and a 2-D UMAP map (cosine, seeded) of each of several embeddings of the
+    same images, computed panel by panel in the order given.
+
+    Args:
+        embeddings: panel name -> (N, E) embeddings of the same N images (E may differ between panels).
+        labels: (N, C) 0/1 labels of the images.
+        groups: (N,) group names of the images, as :func:`label_set_groups`.
+        k: neighbours of :func:`knn_label_precision`.
+        index: (N,) image ids written beside the coordinates, e.g. the rows of the test set kept (default 0..N-1).
+        n_neighbors, min_dist, n_epochs: the ``umap.UMAP`` settings.
+        seed: ``random_state`` of UMAP (a seeded UMAP runs on one thread and gives the same map every time).
+        other: the group name of the images in no named group.
+
+    Returns:
+        ``(numbers, coords)``: ``numbers`` has one row per panel with columns ``model``, ``knn_label_precision``,
+        ``chance``, ``silhouette``, ``k``, ``n_images`` and ``n_grouped`` (images not in ``other``); ``coords``
+        has one row per panel and image with columns ``model``, ``index``, ``x``, ``y`` and ``group``.
+
+    Raises:
+        ValueError: on no panel or a panel, ``groups`` or ``index`` whose N differs from the labels'.
+        ImportError: when umap-learn (the ``notebooks`` extra) is not installed.
+    """
+    labels, groups = np.asarray(labels), np.asarray(groups, dtype=object)
+    index = np.arange(len(labels)) if index is None else np.asarray(index)
+    if not embeddings:
+        raise ValueError("embeddings is empty; give at least one panel name -> (N, E) embeddings")
+    if len(groups) != len(labels) or len(index) != len(labels):
+        raise ValueError(f"groups {groups.shape} and index {index.shape} must both be ({len(labels)},) like labels")
+    for panel, vectors in embeddings.items():
+        if np.ndim(vectors) != 2 or len(vectors) != len(labels):
+            raise ValueError(f"embeddings[{panel!r}] must be ({len(labels)}, E), got shape {np.shape(vectors)}")
+    import umap  # the notebooks extra; imported here so the package does not need it
+
+    numbers, coords = [], []
+    for panel, vectors in embeddings.items():
+        precision, chance = knn_label_precision(vectors, labels, k)
+        numbers.append(
+            {
+                "model": panel,
+                "knn_label_precision": precision,
+                "chance": chance,
+                "silhouette": group_silhouette(vectors, groups, other),
+                "k": k,
+                "n_images": len(labels),
+                "n_grouped": int((groups != other).sum()),
+            }
+        )
+        reducer = umap.UMAP(
+            n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine", n_epochs=n_epochs, random_state=seed
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)  # seeded: one thread
+            xy = reducer.fit_transform(vectors)  # (N, 2)
+        coords.append(pd.DataFrame({"model": panel, "index": index, "x": xy[:, 0], "y": xy[:, 1], "group": groups}))
+    return pd.DataFrame(numbers), pd.concat(coords, ignore_index=True)

@@ -1,9 +1,10 @@
 """How the study's results are shown: plot helpers on a given Axes and one style.
 
 Every plot helper draws on the matplotlib ``Axes`` it is given (an array of Axes for the image grid) and returns
-it, so notebooks compose figures freely; colours and sizes live in :data:`STYLE` only. :func:`save_figure`
-writes a figure as PNG and PDF. Helpers draw what they are given: the numbers (summaries over seeds, intervals,
-per-class tables, reliability bins) come from :mod:`clml_core.tables`, :mod:`clml_core.stats`,
+it, so notebooks compose figures freely; colours and sizes live in :data:`STYLE` only. The multi-panel figures
+that more than one notebook shows (``*_figure``) are built once here from the collected run frames.
+:func:`save_figure` writes a figure as PNG and PDF. Helpers draw what they are given: the numbers (summaries over
+seeds, intervals, per-class tables, reliability bins) come from :mod:`clml_core.tables`, :mod:`clml_core.stats`,
 :mod:`clml_core.correction` and :mod:`clml_core.embedding_metrics`.
 """
 
@@ -42,6 +43,10 @@ STYLE: dict[str, Any] = {
     "band_alpha": 0.2,  # error bands (± one standard deviation over seeds)
     "point_size": 14,
 }
+
+#: Colour and legend text of the runs without (``False``) and with (``True``) CLML, the ``clml`` column of the runs.
+CLML_COLORS: dict[bool, str] = {False: STYLE["without_clml"], True: STYLE["with_clml"]}
+CLML_LABELS: dict[bool, str] = {False: "base loss", True: "+ CLML"}
 
 #: Axis labels of the result columns of :func:`clml_core.experiments.collect`.
 VALUE_LABELS: dict[str, str] = {
@@ -376,6 +381,61 @@ def sensitivity_plot(
     return ax
 
 
+def main_results_figure(main: pd.DataFrame, protocols: Sequence[str] | None = None) -> Figure:
+    """The main grid's test mAP per base loss without and with CLML (:func:`grouped_points`), one panel per protocol.
+
+    Args:
+        main: One row per run of the main grid (:func:`clml_core.experiments.collect`): columns ``protocol``,
+            ``loss``, ``clml`` and ``test_map``.
+        protocols: The panels, in order (default: the protocols of ``main`` in order of first appearance).
+    """
+    protocols = list(pd.unique(main["protocol"])) if protocols is None else list(protocols)
+    fig, axes = panels(1, len(protocols), sharey=True, squeeze=False)
+    for ax, protocol in zip(axes[0], protocols):
+        part = main[main["protocol"] == protocol]
+        grouped_points(ax, part, "loss", "clml", hue_labels=CLML_LABELS, colors=CLML_COLORS)
+        ax.set_title(protocol)
+    return fig
+
+
+def ablation_figure(ablation: pd.DataFrame, title: str = "") -> Figure:
+    """The ablation grid's test mAP per term set, one point per label correction (:func:`grouped_points`).
+
+    Args:
+        ablation: One row per run of :func:`clml_core.experiments.ablation_grid`: columns ``terms``,
+            ``correction`` and ``test_map``.
+        title: Axes title, e.g. the loss and protocol.
+    """
+    fig, ax = panels(figsize=(8, 3.5))
+    grouped_points(ax, ablation, "terms", "correction")
+    ax.set_title(title)
+    return fig
+
+
+def sensitivity_figure(
+    sensitivity: pd.DataFrame,
+    baseline: pd.Series | Sequence[float],
+    label: str | None = None,
+    title: str = "",
+) -> Figure:
+    """Test mAP against λ (log axis) and against τ (:func:`sensitivity_plot`), side by side on one y axis.
+
+    Args:
+        sensitivity: One row per run: columns ``param`` (``"lam"`` or ``"tau"``), ``value`` and ``test_map``.
+        baseline: Test mAP of the reference without CLML, one per seed, drawn in both panels.
+        label: Legend text of the curves, e.g. ``"bce + CLML"``.
+        title: Figure title, e.g. the protocol.
+    """
+    fig, axes = panels(1, 2, sharey=True)
+    for ax, param in zip(axes, ["lam", "tau"]):
+        sensitivity_plot(
+            ax, sensitivity[sensitivity["param"] == param], baseline=baseline, log_x=param == "lam", label=label
+        )
+        ax.set_xlabel({"lam": "λ", "tau": "τ"}[param])
+    fig.suptitle(title)
+    return fig
+
+
 # -------------------------------------------------------------------------------------------------- embeddings
 
 
@@ -402,6 +462,24 @@ def embedding_scatter(
     if legend:  # panels of the same groups share colours: one legend serves them all
         ax.legend(fontsize="x-small", markerscale=1.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return ax
+
+
+def embeddings_figure(coords: pd.DataFrame, numbers: pd.DataFrame) -> Figure:
+    """One :func:`embedding_scatter` panel per model, titled with its kNN label precision and silhouette; the last
+    panel carries the legend the panels share.
+
+    Args:
+        coords: One row per model and image: columns ``model``, ``x``, ``y`` and ``group``, as the coordinates of
+            :func:`clml_core.embedding_metrics.embedding_panels`.
+        numbers: One row per model, in panel order: columns ``model``, ``knn_label_precision`` and ``silhouette``.
+    """
+    fig, axes = panels(1, len(numbers), figsize=(4.5 * len(numbers), 4.5))
+    axes = np.atleast_1d(axes)
+    for ax, row in zip(axes, numbers.itertuples()):
+        part = coords[coords["model"] == row.model]
+        embedding_scatter(ax, part[["x", "y"]].to_numpy(), part["group"].to_numpy(), legend=ax is axes[-1])
+        ax.set_title(f"{row.model}\nkNN label precision {row.knn_label_precision:.3f}\nsilhouette {row.silhouette:.3f}")
+    return fig
 
 
 # ------------------------------------------------------------------------------------- curves and intervals

@@ -1,14 +1,16 @@
-"""kNN label precision, label-set groups and their silhouette against slow loops and scikit-learn."""
+"""kNN label precision, label-set groups and their silhouette against slow loops and scikit-learn; the panels
+of 03_embeddings against those functions and umap-learn called directly."""
 
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
 from sklearn.metrics import silhouette_score
 
-from clml_core.embedding_metrics import group_silhouette, knn_label_precision, label_set_groups
+from clml_core.embedding_metrics import embedding_panels, group_silhouette, knn_label_precision, label_set_groups
 
 CLASSES = ["cat", "dog", "car", "tree"]
 
@@ -96,3 +98,52 @@ def test_label_set_groups_matches_slow_reference(n_groups, min_size, min_labels)
     expected = _slow_label_set_groups(labels, CLASSES, n_groups, min_size, min_labels)
     got = label_set_groups(labels, CLASSES, n_groups, min_size, min_labels)
     assert got.tolist() == expected
+
+
+def _panels_case():
+    """30 images, 4 classes, three label sets; one embedding built from the labels, one of noise (other width)."""
+    rng = np.random.default_rng(0)
+    labels = np.array([[1, 1, 0, 0]] * 10 + [[0, 0, 1, 1]] * 10 + [[1, 0, 1, 0]] * 10)
+    informative = labels @ rng.normal(size=(4, 6)) + rng.normal(0, 0.1, (30, 6))
+    noise = rng.normal(size=(30, 3))
+    groups = label_set_groups(labels, CLASSES, n_groups=2, min_size=2, min_labels=2)
+    return {"labels": informative, "noise": noise}, labels, groups
+
+
+def test_embedding_panels_is_the_metrics_and_a_seeded_umap_per_panel():
+    umap = pytest.importorskip("umap")
+    embeddings, labels, groups = _panels_case()
+    index = np.arange(100, 130)
+    settings = {"n_neighbors": 5, "min_dist": 0.2, "n_epochs": 20}
+    numbers, coords = embedding_panels(embeddings, labels, groups, k=3, index=index, seed=1, **settings)
+    columns = ["model", "knn_label_precision", "chance", "silhouette", "k", "n_images", "n_grouped"]
+    assert list(numbers.columns) == columns
+    assert numbers["model"].tolist() == ["labels", "noise"]
+    assert numbers["k"].tolist() == [3, 3] and numbers["n_images"].tolist() == [30, 30]
+    assert numbers["n_grouped"].tolist() == [20, 20]  # two of the three label sets are named
+    assert list(coords.columns) == ["model", "index", "x", "y", "group"]
+    for (panel, vectors), row in zip(embeddings.items(), numbers.itertuples()):
+        assert np.allclose((row.knn_label_precision, row.chance), knn_label_precision(vectors, labels, 3))
+        assert np.isclose(row.silhouette, group_silhouette(vectors, groups))
+        part = coords[coords["model"] == panel]
+        with warnings.catch_warnings():  # a seeded UMAP warns that it runs on one thread
+            warnings.simplefilter("ignore", UserWarning)
+            expected = umap.UMAP(metric="cosine", random_state=1, **settings).fit_transform(vectors)  # (N, 2)
+        np.testing.assert_allclose(part[["x", "y"]].to_numpy(), expected)
+        np.testing.assert_array_equal(part["index"], index)
+        assert part["group"].tolist() == groups.tolist()
+    by_model = numbers.set_index("model")
+    assert by_model.loc["labels", "knn_label_precision"] > by_model.loc["noise", "knn_label_precision"]
+    assert by_model.loc["labels", "silhouette"] > by_model.loc["noise", "silhouette"]
+
+
+def test_embedding_panels_bad_input():
+    embeddings, labels, groups = _panels_case()
+    with pytest.raises(ValueError, match="embeddings is empty"):
+        embedding_panels({}, labels, groups)
+    with pytest.raises(ValueError, match=r"embeddings\['noise'\] must be \(30, E\)"):
+        embedding_panels({**embeddings, "noise": embeddings["noise"][:20]}, labels, groups)
+    with pytest.raises(ValueError, match=r"must both be \(30,\)"):
+        embedding_panels(embeddings, labels, groups[:5])
+    with pytest.raises(ValueError, match=r"must both be \(30,\)"):
+        embedding_panels(embeddings, labels, groups, index=np.arange(29))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -305,3 +307,106 @@ def test_reliability_share_and_counts():
     plotting.reliability_counts(bottom, bins, tau=0.6)
     assert _bar_heights(bottom) == [9, 1, 1, 3]  # negatives, then missing positives
     assert bottom.get_yscale() == "log"
+
+
+# ------------------------------------------------------------------------------- the notebooks' shared figures
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=40)
+    return buffer.getvalue()
+
+
+def test_main_results_figure_is_one_grouped_points_panel_per_protocol():
+    runs = pd.concat([_runs(), _runs().assign(protocol="single positive", test_map=lambda f: f["test_map"] - 10)])
+    fig = plotting.main_results_figure(runs, ["single positive", "40% left"])
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["single positive", "40% left"]
+    assert axes[0].get_shared_y_axes().joined(axes[0], axes[1])
+    np.testing.assert_allclose(axes[0].containers[0].lines[0].get_ydata(), [41.0, 50.0])  # without CLML, bce / hill
+    np.testing.assert_allclose(axes[1].containers[1].lines[0].get_ydata(), [56.0, 60.5])  # with CLML
+    assert _same_color(axes[1].containers[1].lines[0].get_color(), STYLE["with_clml"])
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["base loss", "+ CLML"]
+    default = plotting.main_results_figure(runs)  # protocols in order of first appearance
+    assert [ax.get_title() for ax in default.axes] == ["40% left", "single positive"]
+    # The same drawing as the notebooks composed by hand before.
+    by_hand, hand_axes = plotting.panels(1, 2, sharey=True, squeeze=False)
+    for ax, protocol in zip(hand_axes[0], ["40% left", "single positive"]):
+        part = runs[runs["protocol"] == protocol]
+        colors = {False: STYLE["without_clml"], True: STYLE["with_clml"]}
+        plotting.grouped_points(
+            ax, part, "loss", "clml", hue_labels={False: "base loss", True: "+ CLML"}, colors=colors
+        )
+        ax.set_title(protocol)
+    assert _png(default) == _png(by_hand)
+
+
+def _ablation() -> pd.DataFrame:
+    rows = [
+        ("base", "none", 0, 50.0),
+        ("base", "fixed tau", 0, 51.0),
+        ("+ both (CLML)", "none", 0, 53.0),
+        ("+ both (CLML)", "fixed tau", 0, 55.0),
+        ("+ both (CLML)", "fixed tau", 1, 57.0),
+    ]
+    return pd.DataFrame(rows, columns=["terms", "correction", "seed", "test_map"])
+
+
+def test_ablation_figure_points_per_term_set_and_correction():
+    ablation = _ablation()
+    fig = plotting.ablation_figure(ablation, "bce, 40% left")
+    (ax,) = fig.axes
+    assert ax.get_title() == "bce, 40% left"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "+ both (CLML)"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["none", "fixed tau"]
+    np.testing.assert_allclose(ax.containers[1].lines[0].get_ydata(), [51.0, 56.0])
+    assert np.allclose(fig.get_size_inches(), (8, 3.5))
+    by_hand, hand_ax = plotting.panels(figsize=(8, 3.5))
+    plotting.grouped_points(hand_ax, ablation, "terms", "correction")
+    hand_ax.set_title("bce, 40% left")
+    assert _png(fig) == _png(by_hand)
+
+
+def test_sensitivity_figure_lambda_and_tau_panels():
+    sensitivity = pd.DataFrame(
+        {
+            "param": ["lam", "lam", "lam", "tau", "tau"],
+            "value": [0.1, 1.0, 1.0, 0.5, 0.8],
+            "test_map": [48.0, 50.0, 52.0, 47.0, 49.0],
+        }
+    )
+    baseline = pd.Series([45.0, 47.0])
+    fig = plotting.sensitivity_figure(sensitivity, baseline, "bce + CLML", "40% left")
+    lam, tau = fig.axes
+    assert (lam.get_xlabel(), tau.get_xlabel()) == ("λ", "τ")
+    assert (lam.get_xscale(), tau.get_xscale()) == ("log", "linear")
+    assert lam.get_shared_y_axes().joined(lam, tau)
+    np.testing.assert_array_equal(lam.lines[0].get_ydata(), [48.0, 51.0])
+    np.testing.assert_array_equal(tau.lines[0].get_xdata(), [0.5, 0.8])
+    assert np.allclose(tau.lines[1].get_ydata(), 46.0)  # the baseline in both panels
+    assert [t.get_text() for t in tau.get_legend().get_texts()] == ["bce + CLML", "without CLML"]
+    assert fig.get_suptitle() == "40% left"
+    by_hand, hand_axes = plotting.panels(1, 2, sharey=True)
+    for ax, param in zip(hand_axes, ["lam", "tau"]):
+        part = sensitivity[sensitivity["param"] == param]
+        plotting.sensitivity_plot(ax, part, baseline=baseline, log_x=param == "lam", label="bce + CLML")
+        ax.set_xlabel({"lam": "λ", "tau": "τ"}[param])
+    by_hand.suptitle("40% left")
+    assert _png(fig) == _png(by_hand)
+
+
+def test_embeddings_figure_one_titled_panel_per_model_one_legend():
+    rng = np.random.default_rng(0)
+    groups = ["a"] * 4 + ["other"] * 6
+    coords = pd.concat(
+        [pd.DataFrame({"model": m, "x": rng.normal(size=10), "y": rng.normal(size=10), "group": groups}) for m in "PQ"]
+    )
+    numbers = pd.DataFrame({"model": ["P", "Q"], "knn_label_precision": [0.5, 0.75], "silhouette": [0.1, -0.2]})
+    fig = plotting.embeddings_figure(coords, numbers)
+    left, right = fig.axes
+    assert right.get_title() == "Q\nkNN label precision 0.750\nsilhouette -0.200"
+    assert left.get_legend() is None and right.get_legend() is not None
+    np.testing.assert_allclose(right.collections[1].get_offsets(), coords[coords["model"] == "Q"][["x", "y"]][:4])
+    single = plotting.embeddings_figure(coords, numbers.iloc[:1])  # one panel: a single Axes, still legended
+    assert len(single.axes) == 1 and single.axes[0].get_legend() is not None
