@@ -286,6 +286,8 @@ class TrainConfig:
         _check_across_sections(self)
 
 
+#: Named starting configurations (``--preset``); each study profile names its own under ``PRESET``
+#: (``clml_core.study.PROFILES``, checked there).
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded benchmark, tiny: under a minute on a 2-core CPU, two epochs, a checkpoint after each.
     "smoke": {
