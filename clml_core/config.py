@@ -2,59 +2,131 @@
 
 A configuration is resolved in this order: preset, then ``--config FILE.yaml``, then ``section.field=value``
 overrides from the command line or a notebook. The resolved configuration is written next to every run.
+
+A choice field is a ``Literal`` of its values: :func:`apply_updates` refuses any other value, naming the field and the
+valid ones, and :func:`choices` gives them to a command line. Each section checks itself (its ``validate`` method);
+:func:`validate_config` runs them and the checks between sections.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 import yaml
 
 from clml_core.losses import BASE_LOSSES, CLMLLoss, make_base_loss
 from clml_core.models import ARCHS
 
+#: Sizes of the embedded benchmark selected by ``data.synthetic_size`` (keyword arguments of SyntheticConfig).
+SYNTHETIC_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_train": 384, "n_val": 128, "n_test": 256},
+    "default": {},
+}
+
 
 @dataclass
 class DataConfig:
     """Dataset, missing-label protocol and loading."""
 
-    dataset: str = "synthetic"  # synthetic | coco | voc | nuswide
-    root: str = ""  # dataset root for coco / voc / nuswide
+    dataset: Literal["synthetic", "coco", "voc", "nuswide"] = "synthetic"
+    root: str = ""  # the root folder of a real dataset
     train_split: str = ""  # e.g. train2014, trainval; "" = the dataset's default
     test_split: str = ""  # e.g. val2014, test; "" = the dataset's default
     test_fraction: float = 0.0  # > 0: carve the test split from the training split instead (seeded by split_seed)
     split_seed: int = 0  # seed of the test carve (fixed across runs so every run scores the same test images)
-    synthetic_size: str = "default"  # size preset of the embedded benchmark: tiny | default
+    synthetic_size: str = "default"  # size preset of the embedded benchmark: a key of SYNTHETIC_SIZES
     synthetic_seed: int = 0  # the generated dataset's own seed (independent of the run seed)
     synthetic_image_size: int = 0  # side the benchmark is generated at (0: image_size); loaders resize to image_size
     image_size: int = 32  # 0 = the backbone's native input size (its preprocessing)
-    protocol: str = "keep_fraction"  # full | keep_fraction | single_positive | file
+    protocol: Literal["full", "keep_fraction", "single_positive", "file"] = "keep_fraction"
     fraction: float = 0.4  # kept share of positives for keep_fraction
     observed_file: str = ""  # pinned observed training labels in the split-file format (protocol=file)
     protocol_seed: int = 0  # seed of the protocol draw (fixed across run seeds so seeds vary the training only)
     val_fraction: float = 0.1  # validation split carved from train
-    val_labels: str = "observed"  # observed | full: which labels validation mAP uses for model selection
-    augment: str = "none"  # none | authors (RandAugment + Cutout, as in the authors' recipe) | crop_flip
+    val_labels: Literal["observed", "full"] = "observed"  # which labels validation mAP uses for model selection
+    augment: Literal["none", "authors", "crop_flip"] = "none"  # authors: RandAugment + Cutout (the authors' recipe)
     feature_views: int = 0  # model.train_mode=frozen: augmented views of each training image in the feature store
     packed_cache: bool = False  # decode real images once per split into a memory-mapped cache at image_size
-    cache_format: str = "raw"  # raw (uint8 pixels, 3*S*S bytes an image) | jpeg (re-encoded: about a tenth of that)
+    cache_format: Literal["raw", "jpeg"] = "raw"  # raw: uint8 pixels, 3*S*S bytes an image; jpeg: about a tenth
     cache_quality: int = 90  # JPEG quality of a jpeg cache
-    decode: str = "workers"  # workers | device: batches of a real dataset's jpeg cache without a per-image transform
-    # (validation, test, and training without augmentation) are decoded on the device in one call (nvJPEG on a GPU)
+    # device: batches of a real dataset's jpeg cache without a per-image transform (validation, test, and training
+    # without augmentation) are decoded on the device in one call (nvJPEG on a GPU)
+    decode: Literal["workers", "device"] = "workers"
     cache_dir: str = ""  # where packed caches live ("" = data/cache)
     workers: int = 0
     limit_train: int = 0  # use only the first N training images (0 = all); for smoke tests
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first field of this section that is out of range or contradicts another."""
+        minimum = {
+            "split_seed": 0,
+            "synthetic_seed": 0,
+            "synthetic_image_size": 0,
+            "image_size": 0,
+            "protocol_seed": 0,
+            "feature_views": 0,
+            "cache_quality": 1,
+            "workers": 0,
+            "limit_train": 0,
+        }
+        _check_fields(self, "data.", minimum)
+        if self.synthetic_size not in SYNTHETIC_SIZES:
+            _fail("data.synthetic_size", f"{self.synthetic_size!r} is not one of {', '.join(SYNTHETIC_SIZES)}")
+        if self.cache_quality > 100:
+            _fail("data.cache_quality", f"must be in [1, 100], got {self.cache_quality}")
+        if not 0.0 < self.fraction <= 1.0:
+            _fail("data.fraction", f"must be in (0, 1], got {self.fraction}")
+        if not 0.0 < self.val_fraction < 1.0:
+            _fail("data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if 0 < self.image_size < 8:
+            _fail("data.image_size", f"must be 0 (the backbone's) or >= 8, got {self.image_size}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            _fail("data.test_fraction", f"must be in [0, 1), got {self.test_fraction}")
+        if self.protocol == "file" and not self.observed_file:
+            _fail("data.observed_file", "required when data.protocol is 'file'")
+        if self.dataset != "synthetic" and not self.root:
+            _fail("data.root", f"required for dataset {self.dataset!r}")
+        self._check_contradictions()
+
+    def _check_contradictions(self) -> None:
+        """Fields that only mean something for another setting of a field: an error naming both, never ignored."""
+        if self.dataset != "synthetic" and self.synthetic_image_size:
+            raise ValueError(
+                f"config fields 'data.dataset' and 'data.synthetic_image_size' contradict: data.synthetic_image_size="
+                f"{self.synthetic_image_size} sizes the embedded benchmark, but data.dataset={self.dataset!r}"
+            )
+        if self.dataset == "synthetic":
+            for key in ("root", "train_split", "test_split"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"config fields 'data.dataset' and 'data.{key}' contradict: data.{key}={getattr(self, key)!r} "
+                        "names real data, but data.dataset='synthetic' is the embedded benchmark, which reads no "
+                        f"files; set data.dataset to coco, voc or nuswide, or leave data.{key} empty"
+                    )
+        jpeg_cache = self.packed_cache and self.cache_format == "jpeg"
+        if self.decode == "device" and self.dataset != "synthetic" and not jpeg_cache:
+            raise ValueError(
+                "config fields 'data.decode' and 'data.packed_cache'/'data.cache_format' contradict: data.decode="
+                f"'device' decodes a JPEG cache, but data.packed_cache={self.packed_cache}, data.cache_format="
+                f"{self.cache_format!r}"
+            )
+        if self.observed_file and self.protocol != "file":
+            raise ValueError(
+                f"config fields 'data.protocol' and 'data.observed_file' contradict: data.observed_file="
+                f"{self.observed_file!r} is read only with data.protocol='file', but data.protocol={self.protocol!r}"
+            )
+
 
 @dataclass
 class ModelConfig:
-    arch: str = "smallcnn"  # smallcnn | resnet18 | resnet50 | resnet101 | efficientnet_lite0 | efficientnet_lite2
+    arch: str = "smallcnn"  # a name in clml_core.models.ARCHS
     weights: str | None = None  # None | imagenet | a torchvision weights name | a local .pth path
     widths: list[int] | None = None  # stage widths of smallcnn (None: the model's default)
     proj_dim: int | None = None  # optional projection head; CLML then acts on its output
@@ -63,19 +135,49 @@ class ModelConfig:
     # coupling, the classifier sees the structure CLML imposes) instead of the pooled features
     # end_to_end: everything trains | partial: the last trainable_stages backbone stages train | frozen: the backbone
     # runs once per image (and augmented view) into a feature store; only the projection head and classifier train
-    train_mode: str = "end_to_end"
+    train_mode: Literal["end_to_end", "partial", "frozen"] = "end_to_end"
     trainable_stages: int = 0  # train_mode=partial: backbone stages that train, counted from the output side
     channels_last: bool = False
     compile: bool = False
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first field of this section that is out of range or contradicts another."""
+        _check_fields(self, "model.", {"trainable_stages": 0})
+        if self.arch not in ARCHS:
+            _fail("model.arch", f"{self.arch!r} is not one of {', '.join(ARCHS)}")
+        if (self.train_mode == "partial") != (self.trainable_stages > 0):
+            _fail(
+                "model.trainable_stages",
+                f"train_mode=partial needs trainable_stages >= 1 and only partial uses it (got {self.train_mode!r}, "
+                f"{self.trainable_stages})",
+            )
+        if self.widths is not None and (not self.widths or min(self.widths) < 1):
+            _fail("model.widths", f"must be a non-empty list of positive integers, got {self.widths}")
+        if self.classify_embeddings and self.proj_dim is None:
+            _fail("model.classify_embeddings", "needs a projection head (model.proj_dim)")
+        if self.proj_hidden_dim is not None and (self.proj_dim is None or self.proj_hidden_dim < 1):
+            _fail("model.proj_hidden_dim", f"needs model.proj_dim and must be >= 1, got {self.proj_hidden_dim}")
+        if self.proj_dim is not None and self.proj_dim < 1:
+            _fail("model.proj_dim", f"must be None or >= 1, got {self.proj_dim}")
+
 
 @dataclass
 class LossConfig:
-    base: str = "bce"  # bce | focal | asl | hill | splc | an | ll-r
-    reduction: str = "sum"  # sum over batch x classes, the authors' convention (lambda = 1 as in the paper)
+    base: str = "bce"  # a name in clml_core.losses.BASE_LOSSES (checked by building the loss)
+    # sum: over batch x classes, the authors' convention (lambda = 1 as in the paper)
+    reduction: Literal["sum", "mean"] = "sum"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra base-loss hyperparameters
     splc_start_epoch: int = 1  # epoch from which SPLC's own correction is active
     llr_rate_per_epoch: float = 0.002  # LL-R: rejection rate grows by this each epoch
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field; the base loss is built once, so a bad ``kwargs`` entry fails
+        now, not at the first training step."""
+        _check_fields(self, "loss.", {"splc_start_epoch": 0, "llr_rate_per_epoch": 0})
+        try:
+            make_base_loss(self.base, reduction=self.reduction, **self.kwargs)
+        except (TypeError, ValueError) as error:
+            _fail("loss.base" if self.base not in BASE_LOSSES else "loss.kwargs", str(error))
 
 
 @dataclass
@@ -92,6 +194,16 @@ class CLMLConfig:
     correct_base: bool = False  # corrected labels also feed the base loss (the authors: no)
     authors_release: bool = False  # the authors' implementation: backward ignores the incoming gradient
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first field of this section that is out of range."""
+        minimum = {"lam": 0, "delta": 0, "local_weight": 0, "global_weight": 0, "correction_start_epoch": 0}
+        _check_fields(self, "clml.", minimum)
+        if not 0.0 < self.tau < 1.0:
+            _fail("clml.tau", f"must be in (0, 1), got {self.tau}")
+        if not 0.0 <= self.quantile < 1.0:
+            _fail("clml.quantile", f"must be in [0, 1) (0: off), got {self.quantile}")
+        CLMLLoss(self.lam, self.delta, self.local_weight, self.global_weight)
+
 
 @dataclass
 class OptimConfig:
@@ -100,10 +212,10 @@ class OptimConfig:
     batch_size: int = 64  # the GLOBAL batch B (of the CLML term and the summed base loss); each DDP rank takes B / W
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    schedule: str = "onecycle"  # onecycle | constant
+    schedule: Literal["onecycle", "constant"] = "onecycle"
     pct_start: float = 0.2
     ema_decay: float = 0.0  # 0 disables EMA; the authors use 0.9997
-    amp: str = "off"  # off | bf16 | fp16 (fp16 uses PyTorch's dynamic GradScaler from 65536; no loss_scale with it)
+    amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses PyTorch's dynamic GradScaler from 65536 (no loss_scale)
     # Loss scaling in any precision, on CPU too (0 = none): the loss is multiplied by the scale before backward and
     # the gradients divided by it before the step. Static, or with loss_scale_doublings > 0 a dynamic GradScaler
     # from loss_scale that doubles every (run steps / loss_scale_doublings) overflow-free steps and halves on an
@@ -113,12 +225,44 @@ class OptimConfig:
     loss_scale_doublings: float = 0.0
     grad_clip: float = 0.0
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first field of this section that is out of range or contradicts another."""
+        minimum = {
+            "epochs": 1,
+            "batch_size": 1,
+            "weight_decay": 0,
+            "loss_scale": 0,
+            "loss_scale_doublings": 0,
+            "grad_clip": 0,
+        }
+        _check_fields(self, "optim.", minimum)
+        if not self.lr > 0:
+            _fail("optim.lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.stop_epoch <= self.epochs:
+            _fail("optim.stop_epoch", f"must be in [0, optim.epochs = {self.epochs}], got {self.stop_epoch}")
+        if not 0.0 < self.pct_start < 1.0:
+            _fail("optim.pct_start", f"must be in (0, 1), got {self.pct_start}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            _fail("optim.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.amp == "fp16" and self.loss_scale:
+            raise ValueError(
+                f"config fields 'optim.amp' and 'optim.loss_scale' contradict: optim.amp='fp16' scales the loss with "
+                f"PyTorch's dynamic GradScaler (from 65536), and optim.loss_scale={self.loss_scale} is the scale of a "
+                "run without fp16; set optim.loss_scale to 0, or optim.amp to off or bf16"
+            )
+        if self.loss_scale_doublings and not self.loss_scale:
+            raise ValueError(
+                f"config fields 'optim.loss_scale_doublings' and 'optim.loss_scale' contradict: "
+                f"optim.loss_scale_doublings={self.loss_scale_doublings} grows a loss scale, but optim.loss_scale is 0 "
+                "(no scaling); set the starting scale, e.g. optim.loss_scale=65536"
+            )
+
 
 @dataclass
 class TrainConfig:
     name: str = "run"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch CPU threads (0 = torch's default)
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
     log_every: int = 50  # read the logged loss terms from the device every N steps (a host synchronisation)
@@ -131,7 +275,19 @@ class TrainConfig:
     clml: CLMLConfig = field(default_factory=CLMLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field: the run's own fields, then each section, then the checks
+        between sections."""
+        _check_fields(self, "", {"seed": 0, "threads": 0, "checkpoint_every": 0, "log_every": 1})
+        if not self.name or "/" in self.name:
+            _fail("name", f"must be a non-empty name without '/', got {self.name!r}")
+        for section in (self.data, self.model, self.loss, self.clml, self.optim):
+            section.validate()
+        _check_across_sections(self)
 
+
+#: Named starting configurations (``--preset``); each study profile names its own under ``PRESET``
+#: (``clml_core.study.PROFILES``, checked there).
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded benchmark, tiny: under a minute on a 2-core CPU, two epochs, a checkpoint after each.
     "smoke": {
@@ -260,6 +416,52 @@ def authors_overrides(base: str, values: bool) -> dict[str, Any]:
     return overrides
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass (``from __future__ import annotations`` leaves strings)."""
+    return typing.get_type_hints(cls)
+
+
+def _literal_choices(annotation: Any) -> tuple[str, ...]:
+    """The values of a ``Literal[...]`` annotation; () for any other annotation."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+
+
+def choices(section: type, name: str) -> tuple[str, ...]:
+    """The values a choice field accepts, in declared order, e.g. for an argparse ``choices``.
+
+    ``choices(DataConfig, "dataset")`` -> ``("synthetic", "coco", "voc", "nuswide")``. Fields checked against a
+    registry instead (``model.arch``: ``models.ARCHS``, ``loss.base``: ``losses.BASE_LOSSES``, ``data.synthetic_size``:
+    ``SYNTHETIC_SIZES``) are no ``Literal`` and raise here.
+    """
+    hints = _hints(section)
+    if name not in hints:
+        raise ValueError(f"{section.__name__} has no field {name!r} (fields: {', '.join(hints)})")
+    valid = _literal_choices(hints[name])
+    if not valid:
+        raise ValueError(f"{section.__name__}.{name} is not a choice field (its annotation is {hints[name]!r})")
+    return valid
+
+
+def _fail(key: str, message: str) -> NoReturn:
+    raise ValueError(f"config field {key!r}: {message}")
+
+
+def _check_fields(section: Any, prefix: str, minimum: dict[str, float]) -> None:
+    """The checks every section makes first: each number finite, each choice field one of its ``Literal`` values,
+    and each field in ``minimum`` at least its bound. ``prefix`` is the section's key (``"data."``)."""
+    for name, annotation in _hints(type(section)).items():
+        value = getattr(section, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(prefix + name, f"expected a finite number, got {value}")
+        valid = _literal_choices(annotation)
+        if valid and value not in valid:
+            _fail(prefix + name, f"{value!r} is not one of {', '.join(valid)}")
+    for name, low in minimum.items():
+        if getattr(section, name) < low:
+            _fail(prefix + name, f"must be >= {low}, got {getattr(section, name)}")
+
+
 def _parse_bool(text: str, key: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("true", "1", "yes", "on"):
@@ -273,6 +475,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert ``value`` (a YAML value or a command-line string) to the field's type, strictly."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Literal:
+        if not (isinstance(value, str) and value in args):
+            # YAML reads an unquoted off/on/yes/no as a boolean
+            hint = " (a YAML boolean: quote the value)" if isinstance(value, bool) else ""
+            raise ValueError(f"config field {key!r}: {value!r} is not one of {', '.join(args)}{hint}")
+        return value
     if origin is typing.Union or (origin is not None and type(None) in args):
         inner = [a for a in args if a is not type(None)]
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
@@ -312,10 +520,6 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ValueError(f"config field {key!r}: expected a mapping, got {value!r}")
         return dict(value)
     raise TypeError(f"config field {key!r}: unsupported annotation {annotation!r}")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def apply_updates(config: TrainConfig, updates: dict[str, Any], source: str = "override") -> TrainConfig:
@@ -392,184 +596,33 @@ def resolve_config(
     return config
 
 
-#: Sizes of the embedded benchmark selected by ``data.synthetic_size`` (keyword arguments of SyntheticConfig).
-SYNTHETIC_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"n_train": 384, "n_val": 128, "n_test": 256},
-    "default": {},
-}
-
-
-def _nonfinite_field(obj: Any, prefix: str = "") -> tuple[str, float] | None:
-    """The first number that is nan or inf (none may slip through a YAML file or an override), sections recursed."""
-    for item in dataclasses.fields(obj):
-        value, key = getattr(obj, item.name), f"{prefix}{item.name}"
-        found = _nonfinite_field(value, f"{key}.") if dataclasses.is_dataclass(value) else None
-        if found is None and isinstance(value, float) and not math.isfinite(value):
-            found = key, value
-        if found is not None:
-            return found
-    return None
-
-
 def validate_config(config: TrainConfig, source: str = "") -> None:
     """Check every field's choice, range and type before any data is loaded; raise ValueError naming the field.
 
-    The losses are built once here too, so a bad ``loss.kwargs`` entry or CLML weight fails now, not at the first
-    training step.
+    Each section checks itself (:meth:`TrainConfig.validate`); the losses are built once too, so a bad
+    ``loss.kwargs`` entry or CLML weight fails now, not at the first training step.
+
+    Args:
+        config: the configuration to check.
+        source: where it came from (a file), put before the message; "" for none.
     """
-
-    def fail(key: str, message: str) -> None:
-        raise ValueError(f"{source + ': ' if source else ''}config field {key!r}: {message}")
-
-    nonfinite = _nonfinite_field(config)
-    if nonfinite is not None:
-        fail(nonfinite[0], f"expected a finite number, got {nonfinite[1]}")
-    data, model, loss, clml, optim = config.data, config.model, config.loss, config.clml, config.optim
-    choices = {
-        "data.dataset": (data.dataset, ("synthetic", "coco", "voc", "nuswide")),
-        "data.synthetic_size": (data.synthetic_size, tuple(SYNTHETIC_SIZES)),
-        "data.protocol": (data.protocol, ("full", "keep_fraction", "single_positive", "file")),
-        "data.val_labels": (data.val_labels, ("observed", "full")),
-        "data.augment": (data.augment, ("none", "authors", "crop_flip")),
-        "model.train_mode": (model.train_mode, ("end_to_end", "partial", "frozen")),
-        "data.cache_format": (data.cache_format, ("raw", "jpeg")),
-        "data.decode": (data.decode, ("workers", "device")),
-        "model.arch": (model.arch, ARCHS),
-        "loss.reduction": (loss.reduction, ("sum", "mean")),
-        "optim.schedule": (optim.schedule, ("onecycle", "constant")),
-        "optim.amp": (optim.amp, ("off", "bf16", "fp16")),
-        "device": (config.device, ("auto", "cpu", "cuda")),
-    }
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            fail(key, f"{value!r} is not one of {', '.join(valid)}")
-    minimum = {
-        "seed": (config.seed, 0),
-        "threads": (config.threads, 0),
-        "checkpoint_every": (config.checkpoint_every, 0),
-        "data.cache_quality": (data.cache_quality, 1),
-        "data.synthetic_image_size": (data.synthetic_image_size, 0),
-        "log_every": (config.log_every, 1),
-        "data.synthetic_seed": (data.synthetic_seed, 0),
-        "data.image_size": (data.image_size, 0),
-        "data.split_seed": (data.split_seed, 0),
-        "data.feature_views": (data.feature_views, 0),
-        "model.trainable_stages": (model.trainable_stages, 0),
-        "data.protocol_seed": (data.protocol_seed, 0),
-        "data.workers": (data.workers, 0),
-        "data.limit_train": (data.limit_train, 0),
-        "loss.splc_start_epoch": (loss.splc_start_epoch, 0),
-        "loss.llr_rate_per_epoch": (loss.llr_rate_per_epoch, 0),
-        "clml.correction_start_epoch": (clml.correction_start_epoch, 0),
-        "optim.epochs": (optim.epochs, 1),
-        "optim.batch_size": (optim.batch_size, 1),
-        "optim.weight_decay": (optim.weight_decay, 0),
-        "optim.loss_scale": (optim.loss_scale, 0),
-        "optim.loss_scale_doublings": (optim.loss_scale_doublings, 0),
-        "optim.grad_clip": (optim.grad_clip, 0),
-    }
-    for key, (value, low) in minimum.items():
-        if value < low:
-            fail(key, f"must be >= {low}, got {value}")
-    if data.cache_quality > 100:
-        fail("data.cache_quality", f"must be in [1, 100], got {data.cache_quality}")
-    if not config.name or "/" in config.name:
-        fail("name", f"must be a non-empty name without '/', got {config.name!r}")
-    if not 0.0 < data.fraction <= 1.0:
-        fail("data.fraction", f"must be in (0, 1], got {data.fraction}")
-    if not 0.0 < data.val_fraction < 1.0:
-        fail("data.val_fraction", f"must be in (0, 1), got {data.val_fraction}")
-    if 0 < data.image_size < 8:
-        fail("data.image_size", f"must be 0 (the backbone's) or >= 8, got {data.image_size}")
-    if not 0.0 <= data.test_fraction < 1.0:
-        fail("data.test_fraction", f"must be in [0, 1), got {data.test_fraction}")
-    if data.feature_views and model.train_mode != "frozen":
-        fail("data.feature_views", "only used with model.train_mode=frozen")
-    if data.feature_views and data.augment == "none":
-        fail("data.feature_views", "the views are augmented; set data.augment")
-    if (model.train_mode == "partial") != (model.trainable_stages > 0):
-        fail(
-            "model.trainable_stages",
-            f"train_mode=partial needs trainable_stages >= 1 and only partial uses it (got {model.train_mode!r}, "
-            f"{model.trainable_stages})",
-        )
-    if model.train_mode == "frozen" and data.dataset == "synthetic":
-        fail("model.train_mode", "frozen needs a dataset of image files, not synthetic")
-    if data.protocol == "file" and not data.observed_file:
-        fail("data.observed_file", "required when data.protocol is 'file'")
-    if data.dataset != "synthetic" and not data.root:
-        fail("data.root", f"required for dataset {data.dataset!r}")
-    _check_contradictions(config)
-    if model.widths is not None and (not model.widths or min(model.widths) < 1):
-        fail("model.widths", f"must be a non-empty list of positive integers, got {model.widths}")
-    if model.classify_embeddings and model.proj_dim is None:
-        fail("model.classify_embeddings", "needs a projection head (model.proj_dim)")
-    if model.proj_hidden_dim is not None and (model.proj_dim is None or model.proj_hidden_dim < 1):
-        fail("model.proj_hidden_dim", f"needs model.proj_dim and must be >= 1, got {model.proj_hidden_dim}")
-    if model.proj_dim is not None and model.proj_dim < 1:
-        fail("model.proj_dim", f"must be None or >= 1, got {model.proj_dim}")
-    if not 0.0 < clml.tau < 1.0:
-        fail("clml.tau", f"must be in (0, 1), got {clml.tau}")
-    if not 0.0 <= clml.quantile < 1.0:
-        fail("clml.quantile", f"must be in [0, 1) (0: off), got {clml.quantile}")
-    if not optim.lr > 0:
-        fail("optim.lr", f"must be > 0, got {optim.lr}")
-    if not 0 <= optim.stop_epoch <= optim.epochs:
-        fail("optim.stop_epoch", f"must be in [0, optim.epochs = {optim.epochs}], got {optim.stop_epoch}")
-    if not 0.0 < optim.pct_start < 1.0:
-        fail("optim.pct_start", f"must be in (0, 1), got {optim.pct_start}")
-    if not 0.0 <= optim.ema_decay < 1.0:
-        fail("optim.ema_decay", f"must be in [0, 1), got {optim.ema_decay}")
     try:
-        make_base_loss(loss.base, reduction=loss.reduction, **loss.kwargs)
-    except (TypeError, ValueError) as error:
-        fail("loss.base" if loss.base not in BASE_LOSSES else "loss.kwargs", str(error))
-    for name in ("lam", "delta", "local_weight", "global_weight"):
-        if not getattr(clml, name) >= 0:
-            fail(f"clml.{name}", f"must be >= 0, got {getattr(clml, name)}")
-    CLMLLoss(clml.lam, clml.delta, clml.local_weight, clml.global_weight)
+        config.validate()
+    except ValueError as error:
+        if not source:
+            raise
+        raise ValueError(f"{source}: {error}") from None
 
 
-def _check_contradictions(config: TrainConfig) -> None:
-    """Fields that only mean something for another setting of a field: an error naming both, never ignored."""
-    data = config.data
-    if data.dataset != "synthetic" and data.synthetic_image_size:
-        raise ValueError(
-            f"config fields 'data.dataset' and 'data.synthetic_image_size' contradict: data.synthetic_image_size="
-            f"{data.synthetic_image_size} sizes the embedded benchmark, but data.dataset={data.dataset!r}"
-        )
-    if data.dataset == "synthetic":
-        for key in ("root", "train_split", "test_split"):
-            if getattr(data, key):
-                raise ValueError(
-                    f"config fields 'data.dataset' and 'data.{key}' contradict: data.{key}={getattr(data, key)!r} "
-                    "names real data, but data.dataset='synthetic' is the embedded benchmark, which reads no files; "
-                    f"set data.dataset to coco, voc or nuswide, or leave data.{key} empty"
-                )
-    jpeg_cache = data.packed_cache and data.cache_format == "jpeg"
-    if data.decode == "device" and data.dataset != "synthetic" and not jpeg_cache:
-        raise ValueError(
-            "config fields 'data.decode' and 'data.packed_cache'/'data.cache_format' contradict: data.decode='device' "
-            f"decodes a JPEG cache, but data.packed_cache={data.packed_cache}, data.cache_format={data.cache_format!r}"
-        )
-    optim = config.optim
-    if optim.amp == "fp16" and optim.loss_scale:
-        raise ValueError(
-            f"config fields 'optim.amp' and 'optim.loss_scale' contradict: optim.amp='fp16' scales the loss with "
-            f"PyTorch's dynamic GradScaler (from 65536), and optim.loss_scale={optim.loss_scale} is the scale of a run "
-            "without fp16; set optim.loss_scale to 0, or optim.amp to off or bf16"
-        )
-    if optim.loss_scale_doublings and not optim.loss_scale:
-        raise ValueError(
-            f"config fields 'optim.loss_scale_doublings' and 'optim.loss_scale' contradict: "
-            f"optim.loss_scale_doublings={optim.loss_scale_doublings} grows a loss scale, but optim.loss_scale is 0 "
-            "(no scaling); set the starting scale, e.g. optim.loss_scale=65536"
-        )
-    if data.observed_file and data.protocol != "file":
-        raise ValueError(
-            f"config fields 'data.protocol' and 'data.observed_file' contradict: data.observed_file="
-            f"{data.observed_file!r} is read only with data.protocol='file', but data.protocol={data.protocol!r}"
-        )
+def _check_across_sections(config: TrainConfig) -> None:
+    """The data settings that depend on the model's training mode."""
+    data, model = config.data, config.model
+    if data.feature_views and model.train_mode != "frozen":
+        _fail("data.feature_views", "only used with model.train_mode=frozen")
+    if data.feature_views and data.augment == "none":
+        _fail("data.feature_views", "the views are augmented; set data.augment")
+    if model.train_mode == "frozen" and data.dataset == "synthetic":
+        _fail("model.train_mode", "frozen needs a dataset of image files, not synthetic")
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from clml_core.config import PRESETS
 from clml_core.paths import FIGURES_DIR, NOTEBOOKS_DIR, RUNS_DIR
 from clml_core.runio import atomic_write_json, git_state, machine_info
 
@@ -40,7 +41,8 @@ FIGURE_INPUTS: dict[str, str] = {
 _LOSSES = ["bce", "focal", "asl", "hill", "splc"]
 _PROTOCOLS = ["75% left", "40% left", "single positive"]
 
-#: Notebook parameters of each profile; a notebook receives the ones its parameters cell declares.
+#: Notebook parameters of each profile; a notebook receives the ones its parameters cell declares. ``PRESET`` names
+#: the profile's configuration preset (a key of ``clml_core.config.PRESETS``; :func:`check_profiles` holds to it).
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "SMOKE": True,
@@ -131,6 +133,20 @@ PROFILES: dict[str, dict[str, Any]] = {
         "OVERRIDES": {},
     },
 }
+
+
+def check_profiles(profiles: dict[str, dict[str, Any]]) -> None:
+    """Raise ValueError unless every profile names an existing configuration preset under ``PRESET``."""
+    for name, params in profiles.items():
+        preset = params.get("PRESET")
+        if preset not in PRESETS:
+            raise ValueError(
+                f"study profile {name!r}: PRESET={preset!r} is not a configuration preset "
+                f"(clml_core.config.PRESETS: {', '.join(PRESETS)})"
+            )
+
+
+check_profiles(PROFILES)
 
 
 def notebook_parameters(profile: str, run_root: Path, figures_dir: Path, force: bool, extra: dict[str, Any]) -> dict:

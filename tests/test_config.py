@@ -1,8 +1,52 @@
 """Configuration: presets, YAML files, typed overrides and strict booleans."""
 
-import pytest
+import dataclasses
 
-from clml_core.config import AUTHORS, PRESETS, authors_overrides, from_dict, parse_overrides, resolve_config, to_dict
+import pytest
+import yaml
+
+from clml_core.config import (
+    AUTHORS,
+    PRESETS,
+    CLMLConfig,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    apply_updates,
+    authors_overrides,
+    choices,
+    from_dict,
+    parse_overrides,
+    resolve_config,
+    to_dict,
+    validate_config,
+)
+from clml_core.study import PROFILES, check_profiles
+
+SECTIONS = {"": TrainConfig, "data.": DataConfig, "model.": ModelConfig, "loss.": LossConfig, "clml.": CLMLConfig}
+SECTIONS["optim."] = OptimConfig
+
+
+def _choice_fields() -> dict[str, tuple[str, ...]]:
+    """Every choice field's dotted key and values, found from the annotations."""
+    found = {}
+    for prefix, section in SECTIONS.items():
+        for item in dataclasses.fields(section):
+            try:
+                found[prefix + item.name] = choices(section, item.name)
+            except ValueError:
+                continue
+    return found
+
+
+def _nested(key: str, value: object) -> dict:
+    *sections, name = key.split(".")
+    update: dict = {name: value}
+    for section in reversed(sections):
+        update = {section: update}
+    return update
 
 
 def test_presets_resolve():
@@ -110,3 +154,97 @@ def test_authors_setting_trains_as_the_release_ran():
     ours = resolve_config("default", overrides=authors_overrides("bce", values=False))
     assert ours.clml.tau == 0.6 and ours.loss.kwargs == {} and ours.clml.authors_release
     assert AUTHORS["values"] == {"clml": {"tau": 0.75}}  # authors_overrides copies, never mutates
+
+
+def test_choice_fields_are_the_literal_annotated_ones():
+    assert sorted(_choice_fields()) == [
+        "data.augment",
+        "data.cache_format",
+        "data.dataset",
+        "data.decode",
+        "data.protocol",
+        "data.val_labels",
+        "device",
+        "loss.reduction",
+        "model.train_mode",
+        "optim.amp",
+        "optim.schedule",
+    ]
+    assert choices(DataConfig, "dataset") == ("synthetic", "coco", "voc", "nuswide")
+    assert choices(OptimConfig, "amp") == ("off", "bf16", "fp16")
+    for field in ("arch", "nope"):  # a registry-checked field, a missing one
+        with pytest.raises(ValueError, match=f"ModelConfig.*{field}"):
+            choices(ModelConfig, field)
+
+
+@pytest.mark.parametrize("key", sorted(_choice_fields()))
+def test_a_choice_field_takes_its_values_and_refuses_others_naming_them(key):
+    valid = _choice_fields()[key]
+    for value in valid:
+        apply_updates(TrainConfig(), _nested(key, value))
+    message = f"override: config field '{key}': 'bogus' is not one of {', '.join(valid)}"
+    with pytest.raises(ValueError, match=message):
+        resolve_config("smoke", overrides=[f"{key}=bogus"])
+
+
+def test_a_yaml_boolean_for_a_choice_names_the_file_and_says_to_quote(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  amp: off\n")  # YAML 1.1 reads an unquoted off as False
+    with pytest.raises(ValueError, match=r"c.yaml: config field 'optim.amp': False is not one of .*quote the value"):
+        resolve_config("smoke", path)
+    path.write_text("optim:\n  amp: 'off'\n")
+    assert resolve_config("smoke", path).optim.amp == "off"
+
+
+def test_validate_config_checks_choices_of_a_config_built_in_code():
+    config = dataclasses.replace(TrainConfig(), optim=OptimConfig(amp="fp32"))
+    with pytest.raises(ValueError, match="^run/config.yaml: config field 'optim.amp': 'fp32' is not one of off, bf16"):
+        validate_config(config, "run/config.yaml")
+    with pytest.raises(ValueError, match="^config field 'device': 'gpu' is not one of auto, cpu, cuda$"):
+        validate_config(dataclasses.replace(TrainConfig(), device="gpu"))
+
+
+@pytest.mark.parametrize(
+    "section,message",
+    [
+        (DataConfig(fraction=0.0), "'data.fraction': must be in"),
+        (DataConfig(workers=-1), "'data.workers': must be >= 0"),
+        (DataConfig(dataset="voc"), "'data.root': required"),
+        (DataConfig(root="/x"), "'data.dataset' and 'data.root' contradict"),
+        (ModelConfig(arch="vgg"), "'model.arch': 'vgg' is not one of"),
+        (ModelConfig(train_mode="partial"), "'model.trainable_stages'"),
+        (LossConfig(base="nope"), "'loss.base': unknown base loss"),
+        (CLMLConfig(tau=1.0), "'clml.tau': must be in"),
+        (CLMLConfig(lam=float("nan")), "'clml.lam': expected a finite number"),
+        (OptimConfig(amp="fp16", loss_scale=2.0), "'optim.amp' and 'optim.loss_scale' contradict"),
+        (TrainConfig(name="a/b"), "'name': must be a non-empty name"),
+    ],
+)
+def test_each_section_validates_itself(section, message):
+    type(section)().validate()  # the defaults are valid
+    with pytest.raises(ValueError, match=message):
+        section.validate()
+
+
+def test_checks_between_sections_run_after_the_sections():
+    config = dataclasses.replace(TrainConfig(), data=DataConfig(feature_views=2))
+    with pytest.raises(ValueError, match="'data.feature_views': only used with model.train_mode=frozen"):
+        validate_config(config)
+    config.data.validate()  # valid as a section alone
+
+
+def test_every_preset_survives_a_run_folders_yaml():
+    for name in PRESETS:
+        real_data = PRESETS[name].get("data", {}).get("dataset", "synthetic") != "synthetic"
+        config = resolve_config(name, overrides={"data": {"root": "/nowhere"}} if real_data else None)
+        text = yaml.safe_dump(to_dict(config), sort_keys=False)
+        assert from_dict(yaml.safe_load(text), source=name) == config
+
+
+def test_every_study_profile_names_an_existing_preset():
+    assert all(profile["PRESET"] in PRESETS for profile in PROFILES.values())
+    check_profiles(PROFILES)
+    with pytest.raises(ValueError, match="study profile 'x': PRESET='nope' is not a configuration preset"):
+        check_profiles({"x": {**PROFILES["smoke"], "PRESET": "nope"}})
+    with pytest.raises(ValueError, match="study profile 'y': PRESET=None"):
+        check_profiles({"y": {"SMOKE": True}})
