@@ -636,20 +636,6 @@ def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
     return config
 
 
-def read_run_config(run_dir: str | Path) -> TrainConfig | None:
-    """The configuration a run folder was trained with (its ``config.yaml``); None when there is none."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return from_dict(data, source=str(path))
-
-
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """``["clml.lam: 1.0 -> 0.5", ...]``: the fields of two nested config dicts that differ."""
     changed = []

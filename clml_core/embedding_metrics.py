@@ -97,6 +97,18 @@ def group_silhouette(embeddings: np.ndarray, groups: np.ndarray, other: str = "o
     return float(silhouette_score(embeddings[named], groups[named], metric="cosine"))
 
 
+def _check_panels(
+    embeddings: Mapping[str, np.ndarray], labels: np.ndarray, groups: np.ndarray, index: np.ndarray
+) -> None:
+    if not embeddings:
+        raise ValueError("embeddings is empty; give at least one panel name -> (N, E) embeddings")
+    if len(groups) != len(labels) or len(index) != len(labels):
+        raise ValueError(f"groups {groups.shape} and index {index.shape} must both be ({len(labels)},) like labels")
+    for panel, vectors in embeddings.items():
+        if np.ndim(vectors) != 2 or len(vectors) != len(labels):
+            raise ValueError(f"embeddings[{panel!r}] must be ({len(labels)}, E), got shape {np.shape(vectors)}")
+
+
 def embedding_panels(
     embeddings: Mapping[str, np.ndarray],
     labels: np.ndarray,
@@ -134,29 +146,15 @@ def embedding_panels(
     """
     labels, groups = np.asarray(labels), np.asarray(groups, dtype=object)
     index = np.arange(len(labels)) if index is None else np.asarray(index)
-    if not embeddings:
-        raise ValueError("embeddings is empty; give at least one panel name -> (N, E) embeddings")
-    if len(groups) != len(labels) or len(index) != len(labels):
-        raise ValueError(f"groups {groups.shape} and index {index.shape} must both be ({len(labels)},) like labels")
-    for panel, vectors in embeddings.items():
-        if np.ndim(vectors) != 2 or len(vectors) != len(labels):
-            raise ValueError(f"embeddings[{panel!r}] must be ({len(labels)}, E), got shape {np.shape(vectors)}")
+    _check_panels(embeddings, labels, groups, index)
     import umap  # the notebooks extra; imported here so the package does not need it
 
     numbers, coords = [], []
     for panel, vectors in embeddings.items():
         precision, chance = knn_label_precision(vectors, labels, k)
-        numbers.append(
-            {
-                "model": panel,
-                "knn_label_precision": precision,
-                "chance": chance,
-                "silhouette": group_silhouette(vectors, groups, other),
-                "k": k,
-                "n_images": len(labels),
-                "n_grouped": int((groups != other).sum()),
-            }
-        )
+        silhouette = group_silhouette(vectors, groups, other)
+        numbers.append({"model": panel, "knn_label_precision": precision, "chance": chance, "silhouette": silhouette,
+                        "k": k, "n_images": len(labels), "n_grouped": int((groups != other).sum())})  # fmt: skip
         reducer = umap.UMAP(
             n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine", n_epochs=n_epochs, random_state=seed
         )

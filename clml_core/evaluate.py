@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from clml_core import runfolder
-from clml_core.config import ModelConfig, TrainConfig, apply_updates, validate_config
+from clml_core.config import DataConfig, ModelConfig, TrainConfig, apply_updates, choices, validate_config
 from clml_core.data.dataset import MultiLabelDataset
 from clml_core.devices import autocast, select_device, to_input
 from clml_core.loaders import eval_loader
@@ -226,11 +226,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prog="python -m clml_core.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dir", help="a finished run folder (config.yaml, checkpoints/)")
-    parser.add_argument("--dataset", required=True, choices=("coco", "voc", "nuswide"))
+    parser.add_argument(
+        "--dataset", required=True, choices=[d for d in choices(DataConfig, "dataset") if d != "synthetic"]
+    )
     parser.add_argument("--root", required=True, help="the dataset root")
     parser.add_argument("--split", default="test", help="test | val | train (the run's splits) or a dataset split")
     parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=choices(TrainConfig, "device"))
     parser.add_argument("--out", default=None, help="results json (default: RUN_DIR/eval_<dataset>_<split>.json)")
     args = parser.parse_args(argv)
     results = evaluate_run(

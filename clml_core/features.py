@@ -168,37 +168,52 @@ def build_store(
     path = Path(folder) / f"{key}.npy"
     if path.is_file() and path.with_suffix(".json").is_file():
         return np.load(path, mmap_mode="r"), path
+    transforms = [eval_transform] + [train_transform] * views
+    settings = {**settings, "views": views}
+    out = _run_backbone(
+        model, paths, transforms, int(settings.get("seed", 0)), f"feature store {key}",
+        device=device, batch_size=batch_size, workers=workers, channels_last=channels_last, progress=progress,
+    )  # fmt: skip
+    atomic_write_bytes(path, _npy_bytes(out))
+    atomic_write_json(
+        path.with_suffix(".json"), {"key": key, "shape": list(out.shape), "settings": settings, "n_images": len(paths)}
+    )
+    return out, path
+
+
+def _run_backbone(
+    model: MultiLabelNet,
+    paths: list[Path],
+    transforms: list[Callable[[Tensor], Tensor]],
+    seed: int,
+    desc: str,
+    *,
+    device: torch.device | str,
+    batch_size: int,
+    workers: int,
+    channels_last: bool,
+    progress: bool,
+) -> np.ndarray:
+    """(N, V, F) float32 pooled features of every image under each of the V view transforms (in eval mode)."""
     backbone = model.backbone
     was_training = backbone.training
     backbone.eval().to(device)
-    if channels_last:
-        backbone.to(memory_format=torch.channels_last)
-    out = np.empty((len(paths), 1 + views, model.num_features), dtype=np.float32)
-    total = len(paths) * (1 + views)
-    bar = tqdm(total=total, desc=f"feature store {key}", disable=not progress, leave=False)
-    seed = int(settings.get("seed", 0))
-    for view in range(1 + views):
-        items = _Views(paths, eval_transform if view == 0 else train_transform, view, seed)
-        loader = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=workers)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    backbone.to(memory_format=layout)
+    out = np.empty((len(paths), len(transforms), model.num_features), dtype=np.float32)
+    bar = tqdm(total=len(paths) * len(transforms), desc=desc, disable=not progress, leave=False)
+    for view, transform in enumerate(transforms):
+        loader = torch.utils.data.DataLoader(_Views(paths, transform, view, seed), batch_size, num_workers=workers)
         row = 0
         for images in loader:
-            images = normalize(images.to(device), model.preprocessing).contiguous(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format
-            )
+            images = normalize(images.to(device), model.preprocessing).contiguous(memory_format=layout)
             out[row : row + len(images), view] = backbone(images).float().cpu().numpy()
             row += len(images)
             bar.update(len(images))
     bar.close()
     backbone.train(was_training)
-    if channels_last:
-        backbone.to(memory_format=torch.contiguous_format)
-    buffer = _npy_bytes(out)
-    atomic_write_bytes(path, buffer)
-    atomic_write_json(
-        path.with_suffix(".json"),
-        {"key": key, "shape": list(out.shape), "settings": {**settings, "views": views}, "n_images": len(paths)},
-    )
-    return out, path
+    backbone.to(memory_format=torch.contiguous_format)
+    return out
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from clml_core import distributed as dist_utils
-from clml_core.config import PRESETS, TrainConfig, apply_updates, parse_overrides, read_run_config, resolve_config
+from clml_core import runfolder
+from clml_core.config import PRESETS, TrainConfig, apply_updates, parse_overrides, resolve_config
 from clml_core.engine import EXIT_INTERRUPTED, RunInterrupted, train
 
 EXIT_ERROR = 2
@@ -53,7 +54,7 @@ def _config(args: argparse.Namespace) -> TrainConfig | None:
     """The configuration the command line gives; None for a bare --resume (the engine reads the folder's)."""
     given = args.preset is not None or args.config is not None
     if args.resume and not given:
-        saved = read_run_config(Path(args.out))
+        saved = runfolder.read_config(Path(args.out))
         if saved is None:
             if args.overrides:
                 raise ValueError(f"{args.out} holds no run to resume; give --preset or --config to start one")
