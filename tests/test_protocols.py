@@ -16,6 +16,7 @@ from clml_core.data import (
     train_val_split,
     write_observed,
 )
+from clml_core.data.protocols import COLE_SEED, cole_single_positive, cole_split
 
 
 def _random_labels(n: int, c: int, density: float, seed: int) -> np.ndarray:
@@ -219,3 +220,185 @@ def test_train_val_split_rejects_bad_arguments(args, match):
         train_val_split(*args)
     with pytest.raises(ValueError, match="labels has 3 rows but n is 10"):
         train_val_split(10, 0.2, 0, labels=np.zeros((3, 2)))
+
+
+# --- Cole et al.'s single-positive draw and split ---------------------------------------------------------------
+# The reference below restates Cole's preproc/generate_observed_labels.py step by step in its own terms (labels as
+# -1/+1 floats, one RandomState per split, per image: find, shuffle and cut the positives, then the negatives), and
+# restates numpy's legacy shuffle itself (Fisher-Yates from the last position down, each position drawing raw
+# 32-bit words masked to the next power of two minus one, rejecting values above the position), so the test
+# depends on neither the implementation nor RandomState.shuffle.
+
+
+def _raw_word(rng: np.random.RandomState) -> int:
+    """One raw 32-bit output of the Mersenne Twister (a full-range uint32 draw returns it unmasked)."""
+    return int(rng.randint(0, 2**32, dtype=np.uint32))
+
+
+def _legacy_shuffle(values: list[int], rng: np.random.RandomState) -> list[int]:
+    values = list(values)
+    for i in range(len(values) - 1, 0, -1):
+        mask = (1 << i.bit_length()) - 1
+        j = _raw_word(rng) & mask
+        while j > i:
+            j = _raw_word(rng) & mask
+        values[i], values[j] = values[j], values[i]
+    return values
+
+
+def _cole_reference(labels: np.ndarray, seed: int, shuffle_negatives: bool = True) -> np.ndarray:
+    signed = np.where(np.asarray(labels) == 1, 1.0, -1.0)
+    rng = np.random.RandomState(seed)
+    observed = np.zeros(signed.shape)
+    for i in range(signed.shape[0]):
+        positives = _legacy_shuffle([c for c in range(signed.shape[1]) if signed[i, c] == 1.0], rng)
+        for c in positives[:1]:
+            observed[i, c] = 1.0
+        if shuffle_negatives:
+            _legacy_shuffle([c for c in range(signed.shape[1]) if signed[i, c] == -1.0], rng)
+    return observed
+
+
+def _cole_test_matrix() -> np.ndarray:
+    labels = _random_labels(300, 23, 0.2, seed=3)  # every 7th row has no positive
+    labels[5] = 1  # all positive
+    labels[6] = 0
+    labels[6, 22] = 1  # one positive
+    labels[8, :17] = 1  # 17 positives: a shuffle range past 16 draws with a wider mask
+    return labels
+
+
+def test_legacy_shuffle_restatement_is_numpys():
+    for seed in (0, 1200, 2**32 - 1):
+        ours, numpys = np.random.RandomState(seed), np.random.RandomState(seed)
+        for n in (0, 1, 2, 3, 17, 80, 257):
+            expected = np.arange(n)
+            numpys.shuffle(expected)
+            assert _legacy_shuffle(list(range(n)), ours) == expected.tolist()
+        assert ours.randint(2**31) == numpys.randint(2**31)  # both streams consumed alike
+
+
+@pytest.mark.parametrize("seed", [COLE_SEED, 0, 7])
+def test_cole_single_positive_equals_the_restated_generator_bit_for_bit(seed):
+    labels = _cole_test_matrix()
+    observed = cole_single_positive(labels, seed=seed)
+    assert observed.dtype == np.uint8 and observed.shape == labels.shape
+    np.testing.assert_array_equal(observed, _cole_reference(labels, seed))
+    has_positive = labels.sum(axis=1) > 0
+    assert (observed <= labels).all()
+    np.testing.assert_array_equal(observed.sum(axis=1), has_positive.astype(int))
+    for dtype in (bool, np.float64, np.int64):
+        np.testing.assert_array_equal(cole_single_positive(labels.astype(dtype), seed=seed), observed)
+
+
+def test_cole_single_positive_default_seed_is_1200_and_seeds_differ():
+    labels = _cole_test_matrix()
+    np.testing.assert_array_equal(cole_single_positive(labels), cole_single_positive(labels, seed=1200))
+    assert not np.array_equal(cole_single_positive(labels, seed=1200), cole_single_positive(labels, seed=1201))
+
+
+def test_cole_single_positive_hand_checked_cases():
+    # Rows with one positive keep it and rows without keep nothing, whatever the seed.
+    labels = np.array([[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
+    for seed in (0, 1, 1200):
+        np.testing.assert_array_equal(cole_single_positive(labels, seed=seed), labels)
+    # Row 0 = [1, 1, 0, 0]: shuffling its positives [0, 1] swaps them iff the first raw word is even (position 1
+    # draws word & 1 and swaps with that index). Its negatives [2, 3] then use the second word, and row 1 = [1, 1,
+    # 0, 0] the third: it keeps column 1 iff the third word is even.
+    words = np.random.RandomState(1200).randint(0, 2**32, size=3, dtype=np.uint32)
+    observed = cole_single_positive(np.array([[1, 1, 0, 0], [1, 1, 0, 0]]), seed=1200)
+    assert observed[0].tolist() == ([0, 1, 0, 0] if words[0] % 2 == 0 else [1, 0, 0, 0])
+    assert observed[1].tolist() == ([0, 1, 0, 0] if words[2] % 2 == 0 else [1, 0, 0, 0])
+
+
+def test_cole_single_positive_negative_shuffle_consumes_random_state():
+    # Row 0 keeps its only positive either way, but with three negatives instead of one its negatives' shuffle
+    # consumes at least two words instead of none, which moves the word that decides row 1's positive.
+    one_negative = np.array([[1, 0], [1, 1]])
+    three_negatives = np.array([[1, 0, 0, 0], [1, 1, 0, 0]])
+    kept = [
+        (
+            cole_single_positive(one_negative, seed=s)[1].tolist(),
+            cole_single_positive(three_negatives, seed=s)[1, :2].tolist(),
+        )
+        for s in range(16)
+    ]
+    assert any(a != b for a, b in kept)
+    # On the test matrix, a generator that skips the negatives' shuffle draws different positives.
+    labels = _cole_test_matrix()
+    assert not np.array_equal(cole_single_positive(labels), _cole_reference(labels, COLE_SEED, shuffle_negatives=False))
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (np.zeros((3, 4)), "must hold both 0 and 1"),
+        (np.ones((3, 4)), "must hold both 0 and 1"),
+        (np.full((2, 2), 2), r"labels\[0, 0\] = 2"),
+        (np.zeros(4), "2-D"),
+    ],
+)
+def test_cole_single_positive_rejects_bad_labels(labels, match):
+    with pytest.raises(ValueError, match=match):
+        cole_single_positive(labels)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "1200"])
+def test_cole_protocol_rejects_bad_seeds(seed):
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        cole_single_positive(np.eye(3), seed=seed)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        cole_split(10, seed=seed)
+
+
+def _cole_split_reference(n: int, frac: float, seed: int) -> tuple[list[int], list[int]]:
+    n_val = int(np.round(frac * n))
+    order = np.random.RandomState(seed).permutation(n).tolist()
+    return sorted(order[: n - n_val]), sorted(order[len(order) - n_val :])
+
+
+@pytest.mark.parametrize(("n", "frac", "seed"), [(5717, 0.2, 1200), (100, 0.2, 1200), (37, 0.3, 5), (2, 0.5, 0)])
+def test_cole_split_equals_the_restated_split(n, frac, seed):
+    train, val = cole_split(n, frac, seed)
+    ref_train, ref_val = _cole_split_reference(n, frac, seed)
+    assert train.tolist() == ref_train and val.tolist() == ref_val
+    assert train.dtype == np.int64 and val.dtype == np.int64
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(n))
+
+
+@pytest.mark.parametrize(
+    ("n", "frac", "n_val"),
+    [
+        (5717, 0.2, 1143),  # VOC2012 train: Cole et al.'s 4,574 training and 1,143 validation images
+        (82081, 0.2, 16416),  # COCO-2014 train: their 65,665 and 16,416
+        (12, 0.2, 2),  # 2.4 rounds down
+        (13, 0.2, 3),  # 2.6 rounds up
+        (5, 0.5, 2),  # 2.5: numpy rounds halves to even
+        (7, 0.5, 4),  # 3.5 -> 4
+    ],
+)
+def test_cole_split_sizes_by_hand(n, frac, n_val):
+    train, val = cole_split(n, frac)
+    assert (len(train), len(val)) == (n - n_val, n_val)
+
+
+def test_cole_split_defaults_and_the_validation_set_is_the_permutations_tail():
+    train, val = cole_split(10)
+    perm = np.random.RandomState(1200).permutation(10)
+    assert val.tolist() == sorted(perm[8:].tolist()) and train.tolist() == sorted(perm[:8].tolist())
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((1,), "n must be an integer >= 2"),
+        ((10.0,), "n must be an integer >= 2"),
+        ((10, 0.0), r"val_fraction must be in \(0, 1\)"),
+        ((10, 1.0), r"val_fraction must be in \(0, 1\)"),
+        ((10, 0.01), "rounds to 0 validation images"),
+        ((3, 0.9), "rounds to 3 validation images"),
+    ],
+)
+def test_cole_split_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        cole_split(*args)

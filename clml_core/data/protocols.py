@@ -7,6 +7,9 @@ unobserved entries (``observed <= labels`` elementwise), never create positives.
   of the dataset, every image with a positive keeping at least one. Because single-label images keep 100%,
   images with many labels keep less than the fraction.
 * :func:`single_positive` keeps exactly one random positive per image.
+* :func:`cole_single_positive` and :func:`cole_split` are Cole et al.'s single-positive draw and their clean
+  validation split (CVPR 2021, github.com/elijahcole/single-positive-multi-label), reproduced bit for bit so that a
+  study under their protocol sees the very labels and images their harness (and every method built on it) sees.
 
 A generated split can be written with :func:`write_observed` (the SPLC/CLML split-file format), read back
 with :func:`read_observed` (also the way to use the authors' published split files on top of the official
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,6 +101,92 @@ def single_positive(labels: np.ndarray, seed: int) -> np.ndarray:
     observed = np.zeros_like(labels)
     observed[rows[chosen], cols[chosen]] = 1
     return observed
+
+
+#: Cole et al.'s seed of the observed-label draw (``--seed`` of ``preproc/generate_observed_labels.py``) and of the
+#: train/validation split (``P['split_seed']`` in ``train.py``).
+COLE_SEED = 1200
+
+
+def _check_seed(seed: int) -> None:
+    """Raise ValueError unless seed is an integer numpy's legacy ``RandomState`` accepts."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+
+
+def cole_single_positive(labels: np.ndarray, seed: int = COLE_SEED) -> np.ndarray:
+    """Cole et al.'s single-positive draw: the observed labels their harness trains on, bit for bit.
+
+    Their ``preproc/generate_observed_labels.py`` (``observe_uniform`` with ``num_pos=1, num_neg=0``) draws each
+    official split with a fresh ``numpy.random.RandomState(seed)`` and, image by image in row order, shuffles the
+    column indices of the image's positives and keeps the first, then shuffles the column indices of its negatives
+    and keeps none of them. That second shuffle still consumes random numbers (``n - 1`` bounded draws for ``n``
+    negatives), so it is done here too: leaving it out would change every image after the first. An image
+    without a positive observes nothing; its negatives are still shuffled. Call this once per official split, on
+    the whole split (before the train/validation split of :func:`cole_split`), as their script does.
+
+    Their script asserts that the matrix holds both values (it converts 0 to -1 and checks for -1 and +1), so a
+    matrix of only zeros or only ones is refused here as well.
+
+    Args:
+        labels: (N, C) full 0/1 labels of one official split, in the row order of Cole's formatted files.
+        seed: Seed of the ``RandomState`` (their default 1200).
+
+    Returns:
+        (N, C) uint8 observed labels with at most one 1 per row, a subset of ``labels``.
+
+    Raises:
+        ValueError: ``labels`` is not a 0/1 (N, C) matrix, holds no 0 or no 1, or ``seed`` is not an integer in
+            [0, 2**32).
+    """
+    labels = _binary_matrix("labels", labels)
+    if labels.size == 0 or not labels.any() or labels.all():
+        raise ValueError(f"labels of shape {labels.shape} must hold both 0 and 1 (Cole et al.'s generator asserts it)")
+    _check_seed(seed)
+    rng = np.random.RandomState(seed)
+    observed = np.zeros(labels.shape, dtype=np.uint8)
+    for row, values in enumerate(labels):
+        positives = np.flatnonzero(values)  # (P_i,) column indices, ascending as in their np.nonzero
+        rng.shuffle(positives)
+        observed[row, positives[:1]] = 1
+        rng.shuffle(np.flatnonzero(values == 0))  # their negatives' shuffle: none kept, random state consumed
+    return observed
+
+
+def cole_split(n: int, val_fraction: float = 0.2, seed: int = COLE_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Cole et al.'s split of an official training set into training and clean validation images.
+
+    As ``generate_split`` in their ``datasets.py``: ``V = int(np.round(val_fraction * n))`` (numpy rounds halves
+    to even), ``perm = RandomState(seed).permutation(n)``, training is ``sorted(perm[:n - V])`` and validation
+    ``sorted(perm[-V:])``. Their subsampling step that follows (``ss_frac_train = ss_frac_val = 1.0``) keeps
+    every index, so it is left out. Their code would return every image as validation when V = 0
+    (``perm[-0:]``); here V must be between 1 and n - 1.
+
+    Args:
+        n: Number of images of the official training split.
+        val_fraction: Share for validation, in (0, 1) (theirs: 0.2).
+        seed: Seed of the ``RandomState`` (their ``split_seed``, 1200).
+
+    Returns:
+        train_idx: (n - V,) sorted int64 row indices.
+        val_idx: (V,) sorted int64 row indices, disjoint from ``train_idx``.
+
+    Raises:
+        ValueError: ``n`` is not an integer >= 2, ``val_fraction`` is outside (0, 1) or gives V = 0 or V = n,
+            or ``seed`` is not an integer in [0, 2**32).
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    if not isinstance(val_fraction, numbers.Real) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    _check_seed(seed)
+    n_val = int(np.round(val_fraction * n))
+    if not 1 <= n_val <= n - 1:
+        raise ValueError(
+            f"val_fraction={val_fraction} of n={n} rounds to {n_val} validation images; it must give 1 to {n - 1}"
+        )
+    perm = np.random.RandomState(seed).permutation(n)
+    return np.sort(perm[: n - n_val]).astype(np.int64), np.sort(perm[n - n_val :]).astype(np.int64)
 
 
 def write_observed(path: PathLike, observed: np.ndarray, image_names: Sequence[str]) -> None:

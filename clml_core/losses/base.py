@@ -429,7 +429,17 @@ class LargeLossRejection(BCELoss):
         return self._reduce(self.loss_matrix(logits, targets, reject_rate=reject_rate))
 
 
-#: Loss classes by name. "an" (assume negative) is plain BCE on the observed labels.
+# The single-positive losses subclass MultiLabelLoss, so their module is imported once the classes above exist.
+from clml_core.losses.single_positive import (  # noqa: E402
+    ANLabelSmoothingLoss,
+    EntropyMaximizationLoss,
+    EPRLoss,
+    GRLoss,
+    WeightedANLoss,
+)
+
+#: Loss classes by name. "an" (assume negative) is plain BCE on the observed labels; "an-ls", "wan", "epr", "em"
+#: and "gr" are the single-positive losses of :mod:`clml_core.losses.single_positive`.
 BASE_LOSSES: dict[str, type[MultiLabelLoss]] = {
     "bce": BCELoss,
     "an": BCELoss,
@@ -438,6 +448,11 @@ BASE_LOSSES: dict[str, type[MultiLabelLoss]] = {
     "hill": HillLoss,
     "splc": SPLCLoss,
     "ll-r": LargeLossRejection,
+    "an-ls": ANLabelSmoothingLoss,
+    "wan": WeightedANLoss,
+    "epr": EPRLoss,
+    "em": EntropyMaximizationLoss,
+    "gr": GRLoss,
 }
 
 
@@ -445,20 +460,27 @@ def make_base_loss(name: str, **kwargs: object) -> MultiLabelLoss:
     """Build a base loss by name with its published defaults, overridden by ``kwargs``.
 
     Args:
-        name: one of :data:`BASE_LOSSES` ("bce", "an", "focal", "asl", "hill", "splc", "ll-r").
-        **kwargs: hyperparameters of that loss class, e.g. ``reduction="mean"`` or ``gamma=1.0``.
+        name: one of :data:`BASE_LOSSES` ("bce", "an", "focal", "asl", "hill", "splc", "ll-r", "an-ls", "wan",
+            "epr", "em", "gr").
+        **kwargs: hyperparameters of that loss class, e.g. ``reduction="mean"`` or ``gamma=1.0``. A hyperparameter
+            without a default (EPR's ``expected_positives``) must be given.
 
     Returns:
         The loss module.
 
     Raises:
-        ValueError: for an unknown name or argument (the message lists the valid ones) or a bad value.
+        ValueError: for an unknown name or argument (the message lists the valid ones), a missing required
+            argument, or a bad value.
     """
     if name not in BASE_LOSSES:
         raise ValueError(f"unknown base loss {name!r}; valid names: {', '.join(BASE_LOSSES)}")
     cls = BASE_LOSSES[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    parameters = {p: v for p, v in inspect.signature(cls.__init__).parameters.items() if p != "self"}
+    accepted = list(parameters)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"make_base_loss({name!r}): unknown argument(s) {unknown}; {cls.__name__} accepts {accepted}")
+    missing = [p for p, v in parameters.items() if v.default is inspect.Parameter.empty and p not in kwargs]
+    if missing:
+        raise ValueError(f"make_base_loss({name!r}): missing required argument(s) {missing} of {cls.__name__}")
     return cls(**kwargs)
