@@ -249,11 +249,19 @@ def test_focal_terms_are_mirror_images_and_gamma_zero_is_bce() -> None:
     torch.testing.assert_close(positive_focal_term(x, 0.0), bce)
 
 
+#: Arguments without a default (EPR's expected label count is privileged information, never defaulted).
+REQUIRED_KWARGS = {"epr": {"expected_positives": 1.5}}
+
+
+def _make(name: str, **kwargs) -> MultiLabelLoss:
+    return make_base_loss(name, **REQUIRED_KWARGS.get(name, {}), **kwargs)
+
+
 @pytest.mark.parametrize("name", list(BASE_LOSSES))
 def test_extreme_logits_give_finite_losses_and_gradients(name: str) -> None:
     logits = torch.tensor([[-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4]] * 2, requires_grad=True)
     targets = torch.tensor([[0] * 7, [1] * 7])
-    out = make_base_loss(name)(logits, targets, correction_active=True)
+    out = _make(name)(logits, targets, correction_active=True)
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(logits.grad).all()
 
@@ -262,7 +270,7 @@ def test_extreme_logits_give_finite_losses_and_gradients(name: str) -> None:
 def test_low_precision_and_autocast_compute_in_float32(name: str) -> None:
     logits, targets = _case(4)
     low = logits.to(torch.bfloat16)
-    loss = make_base_loss(name)
+    loss = _make(name)
     ref = loss(low.float(), targets, correction_active=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = loss(low, targets, correction_active=True)
@@ -274,16 +282,16 @@ def test_low_precision_and_autocast_compute_in_float32(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(BASE_LOSSES))
 def test_degenerate_batches_are_finite(name: str) -> None:
-    loss = make_base_loss(name)
+    loss = _make(name)
     logits = torch.randn(1, 4, generator=torch.Generator().manual_seed(0))
     for targets in (torch.zeros(1, 4), torch.ones(1, 4), torch.tensor([[1.0, 0.0, 0.0, 0.0]])):
         assert torch.isfinite(loss(logits, targets, correction_active=True))
 
 
 def test_factory_names_defaults_and_overrides() -> None:
-    assert set(BASE_LOSSES) == {"bce", "an", "focal", "asl", "hill", "splc", "ll-r"}
+    assert set(BASE_LOSSES) == {"bce", "an", "focal", "asl", "hill", "splc", "ll-r", "an-ls", "wan", "epr", "em", "gr"}
     for name, cls in BASE_LOSSES.items():
-        loss = make_base_loss(name)
+        loss = _make(name)
         assert type(loss) is cls and isinstance(loss, MultiLabelLoss) and loss.reduction == "sum"
     assert BASE_LOSSES["an"] is BCELoss
     focal = make_base_loss("focal")
@@ -333,7 +341,7 @@ def test_bad_hyperparameters(name: str, kwargs: dict, match: str) -> None:
 
 @pytest.mark.parametrize("name", list(BASE_LOSSES))
 def test_bad_tensors(name: str) -> None:
-    loss = make_base_loss(name)
+    loss = _make(name)
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="same 2-D shape"):
         loss(x, torch.zeros(2, 4))
@@ -347,7 +355,7 @@ def test_bad_tensors(name: str) -> None:
         loss(x, torch.full((2, 3), 0.5))
     with pytest.raises(TypeError):
         loss(x.numpy(), torch.zeros(2, 3))
-    unchecked = make_base_loss(name, check_values=False)
+    unchecked = _make(name, check_values=False)
     assert torch.isfinite(unchecked(x, torch.full((2, 3), 2.0)))
 
 

@@ -67,7 +67,7 @@ def negative_focal_term(logits: Tensor, gamma: float, detach_weight: bool = Fals
     return positive_focal_term(-logits, gamma, detach_weight)
 
 
-def _check_number(
+def check_number(
     owner: str,
     name: str,
     value: float,
@@ -192,9 +192,9 @@ class FocalLoss(MultiLabelLoss):
         check_values: bool = True,
     ) -> None:
         super().__init__(reduction, check_values)
-        _check_number("FocalLoss", "gamma", gamma, 0.0)
+        check_number("FocalLoss", "gamma", gamma, 0.0)
         if alpha is not None:
-            _check_number("FocalLoss", "alpha", alpha, 0.0, 1.0)
+            check_number("FocalLoss", "alpha", alpha, 0.0, 1.0)
         self.gamma = gamma
         self.alpha = alpha
         self.detach_focal_weight = detach_focal_weight
@@ -246,10 +246,10 @@ class AsymmetricLoss(MultiLabelLoss):
         check_values: bool = True,
     ) -> None:
         super().__init__(reduction, check_values)
-        _check_number("AsymmetricLoss", "gamma_neg", gamma_neg, 0.0)
-        _check_number("AsymmetricLoss", "gamma_pos", gamma_pos, 0.0)
-        _check_number("AsymmetricLoss", "clip", clip, 0.0, 1.0, open_high=True)
-        _check_number("AsymmetricLoss", "eps", eps, 0.0, 1.0, open_low=True, open_high=True)
+        check_number("AsymmetricLoss", "gamma_neg", gamma_neg, 0.0)
+        check_number("AsymmetricLoss", "gamma_pos", gamma_pos, 0.0)
+        check_number("AsymmetricLoss", "clip", clip, 0.0, 1.0, open_high=True)
+        check_number("AsymmetricLoss", "eps", eps, 0.0, 1.0, open_low=True, open_high=True)
         self.gamma_neg = gamma_neg
         self.gamma_pos = gamma_pos
         self.clip = clip
@@ -306,9 +306,9 @@ class HillLoss(MultiLabelLoss):
         check_values: bool = True,
     ) -> None:
         super().__init__(reduction, check_values)
-        _check_number("HillLoss", "lamb", lamb, 0.0, open_low=True)
-        _check_number("HillLoss", "margin", margin, 0.0)
-        _check_number("HillLoss", "gamma", gamma, 0.0)
+        check_number("HillLoss", "lamb", lamb, 0.0, open_low=True)
+        check_number("HillLoss", "margin", margin, 0.0)
+        check_number("HillLoss", "gamma", gamma, 0.0)
         self.lamb = lamb
         self.margin = margin
         self.gamma = gamma
@@ -353,9 +353,9 @@ class SPLCLoss(MultiLabelLoss):
         check_values: bool = True,
     ) -> None:
         super().__init__(reduction, check_values)
-        _check_number("SPLCLoss", "tau", tau, 0.0, 1.0, open_low=True, open_high=True)
-        _check_number("SPLCLoss", "margin", margin, 0.0)
-        _check_number("SPLCLoss", "gamma", gamma, 0.0)
+        check_number("SPLCLoss", "tau", tau, 0.0, 1.0, open_low=True, open_high=True)
+        check_number("SPLCLoss", "margin", margin, 0.0)
+        check_number("SPLCLoss", "gamma", gamma, 0.0)
         self.tau = tau
         self.margin = margin
         self.gamma = gamma
@@ -405,7 +405,7 @@ class LargeLossRejection(BCELoss):
         return self._rejection_mask(logits, targets, reject_rate)
 
     def _rejection_mask(self, logits: Tensor, targets: Tensor, reject_rate: float) -> Tensor:
-        _check_number("LargeLossRejection", "reject_rate", reject_rate, 0.0, 1.0)
+        check_number("LargeLossRejection", "reject_rate", reject_rate, 0.0, 1.0)
         k = math.ceil(round(reject_rate * targets.numel(), 6))
         flat = torch.zeros(targets.numel(), dtype=torch.bool, device=targets.device)  # (B * C,)
         if k > 0:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clml_core.losses.base import MultiLabelLoss, _check_number
+from clml_core.losses.base import MultiLabelLoss, check_number
 
 #: GR-Loss's (w, b) of K at the first and the last epoch (``--beta [w0, wT, b0, bT] = [0, 2, -2, -2]`` in
 #: Chen et al.'s ``config.py``).
@@ -113,7 +113,7 @@ class ANLabelSmoothingLoss(MultiLabelLoss):
 
     def __init__(self, epsilon: float = 0.1, reduction: str = "sum", check_values: bool = True) -> None:
         super().__init__(reduction, check_values)
-        _check_number("ANLabelSmoothingLoss", "epsilon", epsilon, 0.0, 0.5)
+        check_number("ANLabelSmoothingLoss", "epsilon", epsilon, 0.0, 0.5)
         self.epsilon = epsilon
 
     def _matrix(self, logits: Tensor, targets: Tensor, correction_active: bool) -> Tensor:
@@ -161,7 +161,7 @@ class EPRLoss(MultiLabelLoss):
 
     def __init__(self, expected_positives: float, reduction: str = "sum", check_values: bool = True) -> None:
         super().__init__(reduction, check_values)
-        _check_number("EPRLoss", "expected_positives", expected_positives, 0.0, open_low=True)
+        check_number("EPRLoss", "expected_positives", expected_positives, 0.0, open_low=True)
         self.expected_positives = expected_positives
 
     def _matrix(self, logits: Tensor, targets: Tensor, correction_active: bool) -> Tensor:
@@ -200,7 +200,7 @@ class EntropyMaximizationLoss(MultiLabelLoss):
 
     def __init__(self, alpha: float = 0.1, reduction: str = "sum", check_values: bool = True) -> None:
         super().__init__(reduction, check_values)
-        _check_number("EntropyMaximizationLoss", "alpha", alpha, 0.0)
+        check_number("EntropyMaximizationLoss", "alpha", alpha, 0.0)
         self.alpha = alpha
 
     def _matrix(self, logits: Tensor, targets: Tensor, correction_active: bool) -> Tensor:
