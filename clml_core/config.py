@@ -45,7 +45,7 @@ class DataConfig:
     synthetic_seed: int = 0  # the generated dataset's own seed (independent of the run seed)
     synthetic_image_size: int = 0  # side the benchmark is generated at (0: image_size); loaders resize to image_size
     image_size: int = 32  # 0 = the backbone's native input size (its preprocessing)
-    protocol: Literal["full", "keep_fraction", "single_positive", "file"] = "keep_fraction"
+    protocol: Literal["full", "keep_fraction", "single_positive", "cole", "file"] = "keep_fraction"
     fraction: float = 0.4  # kept share of positives for keep_fraction
     observed_file: str = ""  # pinned observed training labels in the split-file format (protocol=file)
     protocol_seed: int = 0  # seed of the protocol draw (fixed across run seeds so seeds vary the training only)

@@ -40,16 +40,25 @@ def oversized(tree: ast.AST, function_limit: int, class_limit: int) -> list[tupl
     return found
 
 
-def private_imports(tree: ast.AST, module: str) -> list[str]:
-    """``from clml_core.x import _name`` of another module's private name (``import clml_core.x as m`` followed by
-    ``m._name`` too)."""
+def _absolute(node: ast.ImportFrom, package: str) -> str:
+    """The module an ``import from`` names, relative ones (``from .dataset import x``) resolved against ``package``."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def private_imports(tree: ast.AST, module: str, package: str) -> list[str]:
+    """``from clml_core.x import _name`` (or ``from .x import _name``) of another module's private name, and
+    ``import clml_core.x as m`` followed by ``m._name``; ``package`` is the importing module's package."""
     found, aliases = [], {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clml_core"):
+        source = _absolute(node, package) if isinstance(node, ast.ImportFrom) else ""
+        if source.startswith("clml_core"):
             for alias in node.names:
-                if alias.name.startswith("_") and node.module != module:
-                    found.append(f"from {node.module} import {alias.name}")
-                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                if alias.name.startswith("_") and source != module:
+                    found.append(f"from {source} import {alias.name}")
+                aliases[alias.asname or alias.name] = f"{source}.{alias.name}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("clml_core"):
@@ -80,10 +89,13 @@ def test_the_checks_find_what_they_look_for():
     source = "def f():\n" + "    x = 1\n" * 3 + "class C:\n    def g(self):\n        pass\n"
     assert [name for name, _, _ in oversized(ast.parse(source), 3, 2)] == ["f", "C"]
     imports = (
-        "from clml_core.engine import _x, y\nimport clml_core.losses as L\nL._hidden\nfrom clml_core import a\na._b\n"
+        "from clml_core.engine import _x, y\nimport clml_core.losses as L\nL._hidden\nfrom clml_core import a\n"
+        "a._b\nfrom .dataset import _m\nfrom . import _n\n"
     )
-    assert private_imports(ast.parse(imports), "clml_core.other") == [
+    assert private_imports(ast.parse(imports), "clml_core.data.other", "clml_core.data") == [
         "from clml_core.engine import _x",
+        "from clml_core.data.dataset import _m",
+        "from clml_core.data import _n",
         "L._hidden (clml_core.losses)",
         "a._b (clml_core.a)",
     ]
@@ -105,7 +117,9 @@ def test_no_function_or_class_is_too_long(path):
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PROJ_ROOT)))
 def test_no_module_imports_another_modules_private_name(path):
-    found = private_imports(ast.parse(path.read_text()), _module_name(path))
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = private_imports(ast.parse(path.read_text()), module, package)
     assert not found, f"{path.relative_to(PROJ_ROOT)}: {found}"
 
 

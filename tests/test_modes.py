@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from clml_core.config import apply_updates, resolve_config
-from clml_core.data.splits import build_splits
+from clml_core.data.protocols import cole_single_positive, cole_split
+from clml_core.data.splits import build_splits, carve_test, load_real
 from clml_core.data.voc import VOC_CLASSES
 from clml_core.devices import to_input
 from clml_core.engine import train
@@ -89,6 +90,22 @@ def test_the_test_split_is_carved_from_train_once_for_every_run(voc_root: Path) 
     # Every class with two or more positives gets a test positive (rarest first), and test keeps full labels.
     assert (splits.test.labels.sum(axis=0) > 0).sum() >= 2
     assert (splits.test.labels.sum(axis=1) > 1).any()
+
+
+def test_the_cole_protocol_draws_on_the_whole_training_split_then_carves_coles_validation(voc_root: Path) -> None:
+    config = apply_updates(
+        _config(voc_root, Path("unused")), {"data": {"protocol": "cole", "protocol_seed": 1200, "val_labels": "full"}}
+    )
+    preprocessing = preprocessing_for(config.model.arch)
+    splits = build_splits(config.data, preprocessing)
+    rest, _ = carve_test(load_real("voc", str(voc_root), "trainval"), 0.25, 0)  # what remains after the test carve
+    observed = cole_single_positive(rest.labels, 1200)  # drawn before the split, on all of it
+    train_idx, val_idx = cole_split(len(rest), 0.2, 1200)
+    assert [p.name for p in splits.train.image_paths] == [rest.image_paths[i].name for i in train_idx]
+    assert [p.name for p in splits.val.image_paths] == [rest.image_paths[i].name for i in val_idx]
+    np.testing.assert_array_equal(splits.train.observed, observed[train_idx])
+    np.testing.assert_array_equal(splits.val.observed, rest.labels[val_idx])  # validation is clean
+    assert (splits.train.observed.sum(axis=1) == 1).all()
 
 
 def test_the_pipeline_asks_the_backbone_for_size_and_normalisation(voc_root: Path) -> None:

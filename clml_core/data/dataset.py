@@ -45,7 +45,7 @@ class _MemmapLocation(NamedTuple):
     offset: int
 
 
-def _binary_matrix(field: str, values: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+def binary_matrix(field: str, values: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Validate a 0/1 matrix and return it as a read-only uint8 copy.
 
     Args:
@@ -316,7 +316,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         name: str = "",
     ) -> None:
         self.classes: list[str] = _class_names(classes)
-        self.labels: np.ndarray = _binary_matrix("labels", labels)
+        self.labels: np.ndarray = binary_matrix("labels", labels)
         n, c = self.labels.shape
         if c != len(self.classes):
             raise ValueError(f"labels has {c} columns but there are {len(self.classes)} classes")
@@ -327,7 +327,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         # Rows of `_images` backing this dataset's rows; None means row i is `_images[i]`.
         self._rows: np.ndarray | None = None
         self.encoded_items = False  # __getitem__ hands over JPEG bytes (see with_encoded_items)
-        self.observed: np.ndarray = _binary_matrix(
+        self.observed: np.ndarray = binary_matrix(
             "observed", self.labels if observed is None else observed, self.labels.shape
         )
         if transform is not None and not callable(transform):
@@ -420,7 +420,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
             observed: (N, C) 0/1 matrix.
         """
         new = copy.copy(self)
-        new.observed = _binary_matrix("observed", observed, self.labels.shape)
+        new.observed = binary_matrix("observed", observed, self.labels.shape)
         return new
 
     def with_transform(self, transform: Transform | None) -> MultiLabelDataset:

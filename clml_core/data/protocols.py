@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .dataset import PathLike, _binary_matrix
+from .dataset import PathLike, binary_matrix
 from .splitfile import read_split_file, write_split_file
 
 
@@ -63,7 +63,7 @@ def keep_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
         ValueError: ``fraction`` outside (0, 1], or so small that the quota is below the number of images
             with a positive (each of which must keep one).
     """
-    labels = _binary_matrix("labels", labels)
+    labels = binary_matrix("labels", labels)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     rows, cols = np.nonzero(labels)  # (P,) each, sorted by row
@@ -95,7 +95,7 @@ def single_positive(labels: np.ndarray, seed: int) -> np.ndarray:
     Returns:
         (N, C) uint8 observed labels with at most one 1 per row, a subset of ``labels``.
     """
-    labels = _binary_matrix("labels", labels)
+    labels = binary_matrix("labels", labels)
     rows, cols = np.nonzero(labels)
     chosen = _one_positive_per_row(rows, np.random.default_rng(seed))
     observed = np.zeros_like(labels)
@@ -139,7 +139,7 @@ def cole_single_positive(labels: np.ndarray, seed: int = COLE_SEED) -> np.ndarra
         ValueError: ``labels`` is not a 0/1 (N, C) matrix, holds no 0 or no 1, or ``seed`` is not an integer in
             [0, 2**32).
     """
-    labels = _binary_matrix("labels", labels)
+    labels = binary_matrix("labels", labels)
     if labels.size == 0 or not labels.any() or labels.all():
         raise ValueError(f"labels of shape {labels.shape} must hold both 0 and 1 (Cole et al.'s generator asserts it)")
     _check_seed(seed)
@@ -202,7 +202,7 @@ def write_observed(path: PathLike, observed: np.ndarray, image_names: Sequence[s
     """
     if len(set(image_names)) != len(image_names):
         raise ValueError("image_names must be unique so the file can be matched back to the images")
-    write_split_file(path, image_names, _binary_matrix("observed", observed))
+    write_split_file(path, image_names, binary_matrix("observed", observed))
 
 
 def read_observed(path: PathLike, image_names: Sequence[str], num_classes: int) -> np.ndarray:
@@ -249,7 +249,7 @@ def labels_checksum(observed: np.ndarray) -> str:
     Returns:
         64 hex characters.
     """
-    matrix = _binary_matrix("observed", observed)
+    matrix = binary_matrix("observed", observed)
     digest = hashlib.sha256(f"{matrix.shape[0]}x{matrix.shape[1]}:".encode())
     digest.update(np.ascontiguousarray(matrix).tobytes())
     return digest.hexdigest()
@@ -285,7 +285,7 @@ def train_val_split(
     rng = np.random.default_rng(seed)
     in_val = np.zeros(n, dtype=bool)
     if labels is not None:
-        labels = _binary_matrix("labels", labels)
+        labels = binary_matrix("labels", labels)
         if labels.shape[0] != n:
             raise ValueError(f"labels has {labels.shape[0]} rows but n is {n}")
         counts = labels.sum(axis=0)
@@ -298,3 +298,50 @@ def train_val_split(
     rest = np.flatnonzero(~in_val)
     in_val[rng.choice(rest, size=n_val - int(in_val.sum()), replace=False)] = True
     return np.flatnonzero(~in_val).astype(np.int64), np.flatnonzero(in_val).astype(np.int64)
+
+
+def observed_labels(
+    labels: np.ndarray,
+    protocol: str,
+    seed: int,
+    *,
+    fraction: float = 1.0,
+    observed_file: str = "",
+    image_names: Sequence[str] = (),
+) -> np.ndarray:
+    """The observed labels of a missing-label protocol (config fields data.protocol, data.fraction,
+    data.observed_file), drawn under ``seed``.
+
+    Args:
+        labels: (N, C) full 0/1 labels of the split.
+        protocol: full | keep_fraction | single_positive | cole (:func:`cole_single_positive`) | file.
+        seed: seed of the draw.
+        fraction: the kept share of positives of keep_fraction.
+        observed_file: the split file of the file protocol (read by :func:`read_observed`).
+        image_names: the N image names, in row order, that the file protocol matches the file against.
+
+    Returns:
+        (N, C) observed 0/1 labels.
+    """
+    if protocol == "full":
+        return labels
+    if protocol == "keep_fraction":
+        return keep_fraction(labels, fraction, seed)
+    if protocol == "single_positive":
+        return single_positive(labels, seed)
+    if protocol == "cole":
+        return cole_single_positive(labels, seed)
+    if protocol == "file":
+        return read_observed(observed_file, image_names, labels.shape[1])
+    raise ValueError(f"config field 'data.protocol': {protocol!r} is not a missing-label protocol")
+
+
+def validation_split(
+    n: int, protocol: str, val_fraction: float, seed: int, observed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (train_idx, val_idx) carve of a protocol's training split: Cole et al.'s :func:`cole_split` for the cole
+    protocol, otherwise :func:`train_val_split` covering the classes of the ``observed`` labels (what training can
+    see)."""
+    if protocol == "cole":
+        return cole_split(n, val_fraction, seed)
+    return train_val_split(n, val_fraction, seed, labels=observed)

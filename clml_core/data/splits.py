@@ -26,7 +26,7 @@ from clml_core.data.cache import build_packed_cache
 from clml_core.data.coco import load_coco
 from clml_core.data.dataset import MultiLabelDataset
 from clml_core.data.nuswide import load_nuswide
-from clml_core.data.protocols import keep_fraction, read_observed, single_positive, train_val_split
+from clml_core.data.protocols import observed_labels, train_val_split, validation_split
 from clml_core.data.synthetic import SyntheticConfig, load_synthetic
 from clml_core.data.transforms import crop_flip_transform, eval_transform, train_transform
 from clml_core.data.voc import load_voc
@@ -49,18 +49,13 @@ def _image_names(dataset: MultiLabelDataset) -> list[str]:
     return [f"{dataset.name or 'image'}_{i:06d}" for i in range(len(dataset))]
 
 
-def apply_protocol(
-    dataset: MultiLabelDataset, protocol: str, seed: int, *, fraction: float = 1.0, observed_file: str = ""
-) -> MultiLabelDataset:
-    """``dataset`` with the observed labels of a missing-label protocol (config fields data.protocol, data.fraction,
-    data.observed_file), drawn under ``seed``."""
-    if protocol == "full":
-        return dataset.with_observed(dataset.labels)
-    if protocol == "keep_fraction":
-        return dataset.with_observed(keep_fraction(dataset.labels, fraction, seed))
-    if protocol == "single_positive":
-        return dataset.with_observed(single_positive(dataset.labels, seed))
-    observed = read_observed(observed_file, _image_names(dataset), dataset.num_classes)
+def apply_protocol(dataset: MultiLabelDataset, data: DataConfig, seed: int) -> MultiLabelDataset:
+    """``dataset`` with the observed labels of the missing-label protocol ``data.protocol``, drawn under ``seed``
+    (:func:`clml_core.data.protocols.observed_labels`)."""
+    names = _image_names(dataset) if data.protocol == "file" else ()
+    observed = observed_labels(
+        dataset.labels, data.protocol, seed, fraction=data.fraction, observed_file=data.observed_file, image_names=names
+    )
     return dataset.with_observed(observed)
 
 
@@ -153,27 +148,28 @@ def _observed_splits(data: DataConfig, size: int, progress: bool) -> tuple[Multi
         side = data.synthetic_image_size or size  # generated at this side, resized to image_size
         synthetic = SyntheticConfig(image_size=side, seed=data.synthetic_seed, **SYNTHETIC_SIZES[data.synthetic_size])
         parts = load_synthetic(synthetic, progress=progress)
-        protocol = {"fraction": data.fraction, "observed_file": data.observed_file}
-        train = apply_protocol(parts["train"], data.protocol, data.protocol_seed, **protocol)
-        val = apply_protocol(parts["val"], data.protocol, data.protocol_seed + 1, **protocol)
-        return train, val, parts["test"]
+        train = apply_protocol(parts["train"], data, data.protocol_seed)
+        return train, apply_protocol(parts["val"], data, data.protocol_seed + 1), parts["test"]
+    full_train, test = _real_sources(data, size, progress)
+    observed = apply_protocol(full_train, data, data.protocol_seed)
+    n, seed = len(observed), data.protocol_seed
+    train_idx, val_idx = validation_split(n, data.protocol, data.val_fraction, seed, observed.observed)
+    return observed.subset(train_idx), observed.subset(val_idx), test
+
+
+def _real_sources(data: DataConfig, size: int, progress: bool) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+    """The whole (train, test) of a real dataset, read from packed caches with ``data.packed_cache``; with
+    ``data.test_fraction`` the test split is carved from the (packed) train split."""
     train_split, test_split = split_names(data)
-    if data.test_fraction:  # carve the test split from the (packed) train split
+    if data.test_fraction:
         source = load_real(data.dataset, data.root, train_split)
         source = packed(source, train_split, size, data, progress) if data.packed_cache else source
-        full_train, test = carve_test(source, data.test_fraction, data.split_seed)
-    else:
-        full_train, test = load_sources(data)
-        if data.packed_cache:
-            full_train = packed(full_train, train_split, size, data, progress)
-            test = packed(test, test_split, size, data, progress)
-    observed_train = apply_protocol(
-        full_train, data.protocol, data.protocol_seed, fraction=data.fraction, observed_file=data.observed_file
-    )
-    train_idx, val_idx = train_val_split(
-        len(observed_train), data.val_fraction, data.protocol_seed, labels=observed_train.observed
-    )
-    return observed_train.subset(train_idx), observed_train.subset(val_idx), test
+        return carve_test(source, data.test_fraction, data.split_seed)
+    full_train, test = load_sources(data)
+    if data.packed_cache:
+        full_train = packed(full_train, train_split, size, data, progress)
+        test = packed(test, test_split, size, data, progress)
+    return full_train, test
 
 
 def build_splits(data: DataConfig, preprocessing: Preprocessing, *, progress: bool = True) -> Splits:
