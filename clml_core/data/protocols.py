@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -300,6 +300,37 @@ def train_val_split(
     return np.flatnonzero(~in_val).astype(np.int64), np.flatnonzero(in_val).astype(np.int64)
 
 
+def _full(labels: np.ndarray, seed: int, **_: object) -> np.ndarray:
+    return labels
+
+
+def _keep_fraction(labels: np.ndarray, seed: int, *, fraction: float, **_: object) -> np.ndarray:
+    return keep_fraction(labels, fraction, seed)
+
+
+def _single_positive(labels: np.ndarray, seed: int, **_: object) -> np.ndarray:
+    return single_positive(labels, seed)
+
+
+def _cole(labels: np.ndarray, seed: int, **_: object) -> np.ndarray:
+    return cole_single_positive(labels, seed)
+
+
+def _file(labels: np.ndarray, seed: int, *, observed_file: str, image_names: Sequence[str], **_: object) -> np.ndarray:
+    return read_observed(observed_file, image_names, labels.shape[1])
+
+
+#: The missing-label protocols by config name (data.protocol): each maps (labels, seed, fraction=,
+#: observed_file=, image_names=) to the observed labels, reading the keywords it needs.
+PROTOCOLS: dict[str, Callable[..., np.ndarray]] = {
+    "full": _full,
+    "keep_fraction": _keep_fraction,
+    "single_positive": _single_positive,
+    "cole": _cole,
+    "file": _file,
+}
+
+
 def observed_labels(
     labels: np.ndarray,
     protocol: str,
@@ -323,17 +354,10 @@ def observed_labels(
     Returns:
         (N, C) observed 0/1 labels.
     """
-    if protocol == "full":
-        return labels
-    if protocol == "keep_fraction":
-        return keep_fraction(labels, fraction, seed)
-    if protocol == "single_positive":
-        return single_positive(labels, seed)
-    if protocol == "cole":
-        return cole_single_positive(labels, seed)
-    if protocol == "file":
-        return read_observed(observed_file, image_names, labels.shape[1])
-    raise ValueError(f"config field 'data.protocol': {protocol!r} is not a missing-label protocol")
+    draw = PROTOCOLS.get(protocol)
+    if draw is None:
+        raise ValueError(f"config field 'data.protocol': {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    return draw(labels, seed, fraction=fraction, observed_file=observed_file, image_names=image_names)
 
 
 def validation_split(

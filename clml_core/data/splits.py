@@ -15,6 +15,7 @@ the data pipeline asks the model's :func:`~clml_core.models.preprocessing_for`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,13 +108,21 @@ def train_transform_for(augment: str, size: int, preprocessing: Preprocessing, *
     return None
 
 
+def _load_voc2007(root: str, split: str) -> MultiLabelDataset:
+    return load_voc(root, "2007", split)
+
+
+#: The real datasets by config name (data.dataset): each loads split ``split`` under ``root``.
+REAL_DATASETS: dict[str, Callable[[str, str], MultiLabelDataset]] = {
+    "coco": load_coco,
+    "voc": _load_voc2007,
+    "nuswide": load_nuswide,
+}
+
+
 def load_real(dataset: str, root: str, split: str) -> MultiLabelDataset:
-    """Split ``split`` of the real dataset ``dataset`` (coco, voc or nuswide) under ``root``."""
-    if dataset == "coco":
-        return load_coco(root, split)
-    if dataset == "voc":
-        return load_voc(root, "2007", split)
-    return load_nuswide(root, split)
+    """Split ``split`` of the real dataset ``dataset`` (a key of :data:`REAL_DATASETS`) under ``root``."""
+    return REAL_DATASETS[dataset](root, split)
 
 
 def cache_folder(cache_dir: str) -> Path:
@@ -130,14 +139,10 @@ def packed(dataset: MultiLabelDataset, split: str, size: int, data: DataConfig, 
     """
     name = f"{Path(split).stem}-{size}px"
     name += f"-q{data.cache_quality}.jpegs" if data.cache_format == "jpeg" else ".npy"
+    path = cache_folder(data.cache_dir) / data.dataset / name
     with dist_utils.rank_zero_first():
         cache = build_packed_cache(
-            dataset,
-            size,
-            cache_folder(data.cache_dir) / data.dataset / name,
-            fmt=data.cache_format,
-            quality=data.cache_quality,
-            progress=progress,
+            dataset, size, path, fmt=data.cache_format, quality=data.cache_quality, progress=progress
         )
     return cache.dataset(dataset)
 
@@ -187,11 +192,10 @@ def build_splits(data: DataConfig, preprocessing: Preprocessing, *, progress: bo
     if data.val_labels == "full":
         val = val.with_observed(val.labels)
     augmentation = train_transform_for(data.augment, size, preprocessing)
-    splits = Splits(
-        train=train.with_transform(augmentation or _plain(train, size, preprocessing)),
-        val=val.with_transform(_plain(val, size, preprocessing)),
-        test=test.with_transform(_plain(test, size, preprocessing)),
-    )
+    transforms = [augmentation or _plain(train, size, preprocessing)]
+    transforms += [_plain(part, size, preprocessing) for part in (val, test)]
+    train, val, test = (part.with_transform(t) for part, t in zip((train, val, test), transforms))
+    splits = Splits(train=train, val=val, test=test)
     if data.decode == "device":  # JPEG bytes to the device, decoded there a batch at a time (decode_batch)
         for name in ("train", "val", "test"):
             part = getattr(splits, name)
