@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from clml_core import runfolder
 from clml_core.stats import (
     COVERS_SEEDS,
     ImageResamples,
@@ -80,16 +81,16 @@ def mean_std(frame: pd.DataFrame, by: Sequence[str], value: str = "test_map") ->
 
 def _test_scores(folder: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A run's test labels (N, C), scores (N, C) and class names (C,) (None if not saved), from its folder."""
-    path = Path(folder) / "test_embeddings.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: an interval over test images reads the test scores saved there "
-                                "(test_images=False gives the seeds-only interval)")  # fmt: skip
-    with np.load(path) as saved:
-        missing = [key for key in ("labels", "scores") if key not in saved]
-        if missing:
-            raise ValueError(f"{path}: no {missing} array")
-        classes = saved["classes"].astype(str) if "classes" in saved else None
-        return saved["labels"], saved["scores"], classes
+    try:
+        saved = runfolder.read_test_outputs(folder)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; an interval over test images reads the test scores saved there "
+                                "(test_images=False gives the seeds-only interval)") from None  # fmt: skip
+    missing = [key for key in ("labels", "scores") if key not in saved]
+    if missing:
+        raise ValueError(f"{Path(folder) / runfolder.TEST_OUTPUTS}: no {missing} array")
+    classes = saved["classes"].astype(str) if "classes" in saved else None
+    return saved["labels"], saved["scores"], classes
 
 
 class ScoredRuns:
@@ -416,6 +417,21 @@ def comparison_table(
     return pd.DataFrame(rows, columns=columns)
 
 
+def _class_statistic(scored: ScoredRuns | None, name: str) -> Any:
+    """A run folder -> (AP of class ``name`` on the whole test set, its resampled APs (B,)) from ``scored``."""
+
+    def statistic(folder: str) -> tuple[float, np.ndarray]:
+        full, draws = scored.average_precision(folder)
+        if scored.classes is None:
+            raise ValueError(f"{folder}: {runfolder.TEST_OUTPUTS} has no class names; a per-class interval needs them")
+        index = np.flatnonzero(scored.classes == name)
+        if index.size != 1:
+            raise ValueError(f"{folder}: class {name!r} is not among the saved classes {scored.classes.tolist()}")
+        return float(full[index[0]]), draws[:, index[0]]
+
+    return statistic
+
+
 def per_class_table(per_class: pd.DataFrame, frequency: Mapping[str, float], **compare: Any) -> pd.DataFrame:
     """Per class: its frequency, AP without and with CLML over the paired seeds, and the paired per-class change.
 
@@ -448,15 +464,7 @@ def per_class_table(per_class: pd.DataFrame, frequency: Mapping[str, float], **c
         base, clml = cell[~cell["clml"].astype(bool)], cell[cell["clml"].astype(bool)]
         pairs, unpaired = _pairs(clml, base, "ap", f"per_class_table (class {name!r})")
 
-        def statistic(folder: str, name: str = name) -> tuple[float, np.ndarray]:
-            full, draws = scored.average_precision(folder)
-            if scored.classes is None:
-                raise ValueError(f"{folder}: test_embeddings.npz has no class names; a per-class interval needs them")
-            index = np.flatnonzero(scored.classes == name)
-            if index.size != 1:
-                raise ValueError(f"{folder}: class {name!r} is not among the saved classes {scored.classes.tolist()}")
-            return float(full[index[0]]), draws[:, index[0]]
-
+        statistic = _class_statistic(scored, name)
         result = _interval(pairs, unpaired, "ap", confidence=confidence, test_images=test_images, scored=scored,
                            statistic=statistic, where="per_class_table")  # fmt: skip
         paired_clml, paired_base = _paired_runs(clml, base)
@@ -483,6 +491,30 @@ def per_class_table(per_class: pd.DataFrame, frequency: Mapping[str, float], **c
 
 _POOLED = ["cells", "n cells", "diff", "diff_low", "diff_high", "p", "p_holm", "p_bh", "decision", "CI excludes 0",
            "CI covers", "CI", "diff_seeds_low", "diff_seeds_high", "claim", "claim inside CI", "n seeds"]  # fmt: skip
+
+
+def _pooled_cells(runs: pd.DataFrame, by: Sequence[str], arm: str, value: str) -> list[pd.DataFrame]:
+    """Each cell's paired runs (:func:`_pairs`) on the seeds paired in every cell, in seed order."""
+    cells, seeds = [], None
+    for key, cell in runs.groupby(list(by), sort=False, dropna=False):
+        pairs, _ = _pairs(cell[cell[arm].astype(bool)], cell[~cell[arm].astype(bool)], value, f"pooled_row ({key})")
+        cells.append(pairs)
+        seeds = set(pairs["seed"]) if seeds is None else seeds & set(pairs["seed"])
+    return [pairs[pairs["seed"].isin(sorted(seeds or ()))].sort_values("seed") for pairs in cells]
+
+
+def _pooled_draws(cells: list[pd.DataFrame], value: str, scored: ScoredRuns) -> np.ndarray:
+    """(B, K, S) resampled differences of the K cells' paired runs (S seeds each, in seed order)."""
+    draws = []
+    for c in cells:
+        cell_draws = []
+        for folder_t, folder_c, value_t, value_c in zip(c["folder_t"], c["folder_c"], c[f"{value}_t"], c[f"{value}_c"]):
+            (full_t, draws_t), (full_c, draws_c) = scored.map(folder_t), scored.map(folder_c)
+            _check_value(folder_t, value, float(value_t), full_t, scored.min_positives)
+            _check_value(folder_c, value, float(value_c), full_c, scored.min_positives)
+            cell_draws.append(draws_t - draws_c)
+        draws.append(np.stack(cell_draws, axis=1))  # (B, S)
+    return np.stack(draws, axis=1)
 
 
 def pooled_row(
@@ -518,14 +550,8 @@ def pooled_row(
     Returns:
         The columns of :func:`pooled_table` but the adjusted ones, and ``n pairs`` and ``reference`` (False).
     """
-    cells, seeds = [], None
-    for key, cell in runs.groupby(list(by), sort=False, dropna=False):
-        pairs, _ = _pairs(cell[cell[arm].astype(bool)], cell[~cell[arm].astype(bool)], value, f"pooled_row ({key})")
-        cells.append(pairs)
-        seeds = set(pairs["seed"]) if seeds is None else seeds & set(pairs["seed"])
-    seeds = sorted(seeds or ())
-    cells = [pairs[pairs["seed"].isin(seeds)].sort_values("seed") for pairs in cells]
-    k, s = len(cells), len(seeds)
+    cells = _pooled_cells(runs, by, arm, value)
+    k, s = len(cells), len(cells[0]) if cells else 0
     note = _unpaired_note(len(runs) - 2 * k * s)
     row = {"cells": name, "n cells": k, "claim": math.nan if claim is None else float(claim), "n seeds": s}
     differences = np.array([(c[f"{value}_t"] - c[f"{value}_c"]).to_numpy(np.float64) for c in cells]).reshape(k, s)
@@ -540,17 +566,7 @@ def pooled_row(
             interval, label = seeds_only, f"pooled t, {k} cells x {s} seeds"
     else:
         scored = scored if scored is not None else ScoredRuns(n_resamples, min_positives=min_positives)
-        draws = []
-        for c in cells:
-            cell_draws = []
-            for folder_t, folder_c, value_t, value_c in zip(c["folder_t"], c["folder_c"], c[f"{value}_t"],
-                                                            c[f"{value}_c"]):  # fmt: skip
-                (full_t, draws_t), (full_c, draws_c) = scored.map(folder_t), scored.map(folder_c)
-                _check_value(folder_t, value, float(value_t), full_t, scored.min_positives)
-                _check_value(folder_c, value, float(value_c), full_c, scored.min_positives)
-                cell_draws.append(draws_t - draws_c)
-            draws.append(np.stack(cell_draws, axis=1))  # (B, S)
-        interval = pooled_interval(differences, np.stack(draws, axis=1), n_images=scored.n_images,
+        interval = pooled_interval(differences, _pooled_draws(cells, value, scored), n_images=scored.n_images,
                                    confidence=confidence)  # fmt: skip
         label = f"pooled two-level, {k} cells x {s} seed{'s' if s > 1 else ''} x {scored.n_images} images"
     inside = None if claim is None or not interval.defined else bool(interval.low <= claim <= interval.high)
