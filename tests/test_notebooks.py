@@ -40,6 +40,7 @@ FIGURES = [
 ]
 TABLES = [
     "main_table",
+    "main_pooled_table",
     "reference_table",
     "ablation_table",
     "sensitivity_table",
@@ -117,8 +118,12 @@ def test_smoke_study_writes_every_figure_and_table(tmp_path):
     main = (figures / "main_table.md").read_text().splitlines()
     smoke = PROFILES["smoke"]
     assert len(main) == 2 + len(smoke["LOSSES"]) * len(smoke["PROTOCOLS"])
-    assert main[0] == "| protocol | loss | without CLML | with CLML | diff (95% CI) | CI excludes 0 | CI | n seeds |"
-    assert all("bootstrap, 1 seed x" in line for line in main[2:])  # one seed: the bootstrap over test images
+    assert main[0] == (
+        "| protocol | loss | without CLML | with CLML | diff (95% CI) | p | p (Holm) | p (BH) | decision | "
+        "CI excludes 0 | CI covers | CI | seeds-only CI | n seeds |"
+    )
+    # One seed: the interval covers the test images only, and no effect is decided.
+    assert all("| 1 seed: test images only |" in line and "| 1 seed: no decision |" in line for line in main[2:])
     embeddings = (figures / "embedding_table.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in embeddings[2:]] == [
         "| base loss",
