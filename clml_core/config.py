@@ -48,7 +48,7 @@ class DataConfig:
     protocol: Literal["full", "keep_fraction", "single_positive", "cole", "file"] = "keep_fraction"
     fraction: float = 0.4  # kept share of positives for keep_fraction
     observed_file: str = ""  # pinned observed training labels in the split-file format (protocol=file)
-    protocol_seed: int = 0  # seed of the protocol draw (fixed across run seeds so seeds vary the training only)
+    protocol_seed: int = 0  # seed of the protocol draw and the validation carve (a study adds the run seed to it)
     val_fraction: float = 0.1  # validation split carved from train
     val_labels: Literal["observed", "full"] = "observed"  # which labels validation mAP uses for model selection
     augment: Literal["none", "authors", "crop_flip"] = "none"  # authors: RandAugment + Cutout (the authors' recipe)

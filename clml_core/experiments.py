@@ -58,11 +58,14 @@ class RunSpec:
     def folder(self, root: Path) -> Path:
         return Path(root) / _slug(self.group) / _slug(self.variant) / f"seed{self.seed}"
 
-    def config(self):
+    def config(self) -> TrainConfig:
+        """The resolved configuration. The seed varies the training, the missing-label mask and the validation carve
+        (``data.protocol_seed`` is the preset's plus the seed); the test split stays fixed (``data.split_seed``)."""
         config = resolve_config(self.preset, overrides=self.overrides)
         # A name without "/" (config.name is validated): the group "main/40% left" reads "main 40% left".
         name = f"{self.group.replace('/', ' ')}, {self.variant}, seed {self.seed}"
-        return apply_updates(config, {"seed": self.seed, "name": name})
+        mask = {"protocol_seed": config.data.protocol_seed + self.seed}
+        return apply_updates(config, {"seed": self.seed, "name": name, "data": mask})
 
 
 def _slug(text: str) -> str:
@@ -335,8 +338,11 @@ def collect(root: str | Path, specs: Iterable[RunSpec] | None = None) -> pd.Data
                 "test_map_frequent": results.get("test_map_frequent"),
                 "best_val_map": results["best_val_map"],
                 "best_epoch": results["best_epoch"],
-                "corr_precision": results.get("final_corr_precision"),
-                "corr_recall": results.get("final_corr_recall"),
+                # label correction over the whole run (counts summed over its epochs), and in the selected epoch
+                "corr_precision": results["run_corr_precision"],
+                "corr_recall": results["run_corr_recall"],
+                "corr_precision_selected": results["selected_corr_precision"],
+                "corr_recall_selected": results["selected_corr_recall"],
                 "train_seconds": results.get("train_seconds"),
             }
         )
@@ -368,7 +374,7 @@ def collect_reliability(runs: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
 def collect_metrics(runs: pd.DataFrame) -> pd.DataFrame:
     """Every epoch row of the ``metrics.csv`` of each run of ``runs`` (a :func:`collect` frame), with the run's
     label columns (``epoch`` 0-based, as logged)."""
-    keep = [c for c in runs.columns if c not in ("test_map", "best_val_map", "best_epoch", "corr_precision",
-                                                  "corr_recall", "train_seconds")]  # fmt: skip
+    results = ("test_map", "best_val_map", "best_epoch", "train_seconds")
+    keep = [c for c in runs.columns if c not in results and not c.startswith("corr_")]
     frames = [runfolder.read_metrics(run["folder"]).assign(**run) for run in runs[keep].to_dict("records")]
     return pd.concat(frames, ignore_index=True)

@@ -31,6 +31,7 @@ import yaml
 
 from clml_core import checkpoints
 from clml_core.config import DataConfig, TrainConfig, config_diff, from_dict, to_dict
+from clml_core.correction import CorrectionQuality
 from clml_core.data.dataset import MultiLabelDataset
 from clml_core.data.protocols import labels_checksum
 from clml_core.runio import atomic_write_bytes, atomic_write_json, atomic_write_text, run_info, write_metrics_csv
@@ -61,6 +62,10 @@ class Results(TypedDict):
     test_positives_per_class: dict[str, int]
     final_corr_precision: float  # label correction in the last epoch (NaN when it never ran)
     final_corr_recall: float
+    run_corr_precision: float  # label correction over the whole run: its counts summed over the epochs
+    run_corr_recall: float
+    selected_corr_precision: float  # label correction in the selected epoch (best_epoch)
+    selected_corr_recall: float
     train_seconds: float
     epochs: int
 
@@ -203,6 +208,16 @@ def read_metrics(folder: str | Path) -> pd.DataFrame:
     return pd.read_csv(Path(folder) / METRICS)
 
 
+def _correction_over(rows: list[dict[str, Any]], name: str) -> dict[str, float]:
+    """``{name}_corr_precision`` and ``{name}_corr_recall`` of the correction counts summed over ``rows``."""
+    quality = CorrectionQuality(
+        sum(row["corr_missing"] for row in rows),
+        sum(row["corr_recovered"] for row in rows),
+        sum(row["corr_true_recovered"] for row in rows),
+    )
+    return {f"{name}_corr_precision": quality.precision, f"{name}_corr_recall": quality.recall}
+
+
 def results_record(scored: dict[str, Any], best: dict[str, Any], rows: list[dict[str, Any]]) -> Results:
     """``results.json`` of a finished run from its test scores (:func:`clml_core.evaluate.score`), the selection
     and the metrics rows."""
@@ -219,6 +234,8 @@ def results_record(scored: dict[str, Any], best: dict[str, Any], rows: list[dict
         "test_positives_per_class": scored["positives_per_class"],
         "final_corr_precision": rows[-1]["corr_precision"] if rows else math.nan,
         "final_corr_recall": rows[-1]["corr_recall"] if rows else math.nan,
+        **_correction_over(rows, "run"),
+        **_correction_over([row for row in rows if row["epoch"] == best["epoch"]], "selected"),
         "train_seconds": sum(row["seconds"] for row in rows),
         "epochs": len(rows),
     }

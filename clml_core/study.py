@@ -72,7 +72,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ABLATION_PROTOCOL": "40% left",
         "LAMS": [0.01, 0.03, 0.1, 0.3, 3.0, 10.0],  # with the preset's 1.0: log-spaced from 0.01 to 10
         "TAUS": [0.5, 0.7, 0.8],
-        "BOOTSTRAP_RESAMPLES": 1000,  # used only where a comparison has a single seed
+        "BOOTSTRAP_RESAMPLES": 1000,  # test-image resamples of every interval (clml_core.tables)
         "PROCESSES": 2,
         "OVERRIDES": {},
     },
@@ -91,8 +91,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "SAMPLE_PROTOCOL": "single positive",
         "ABLATION_LOSS": "bce",
         "ABLATION_PROTOCOL": "single positive",
-        "LAMS": [0.3, 3.0],
-        "TAUS": [0.8],
+        "LAMS": [0.01, 0.03, 0.1, 0.3, 3.0, 10.0, 30.0],  # with the preset's 1.0: log-spaced from 0.01 to 30
+        "TAUS": [0.5, 0.7, 0.8],
         "PROCESSES": 2,
         "OVERRIDES": {},
     },
@@ -121,14 +121,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         "PRESET": "paper",
         "DATASET": "coco",  # -p DATASET=voc or -p DATASET=nuswide for the others; -p DATA_ROOT=... is required
         "SEED": 0,
-        "SEEDS": [0],
+        "SEEDS": [0, 1, 2],  # a profile meant for conclusions: at least 3 seeds
         "LOSSES": _LOSSES,
         "PROTOCOLS": _PROTOCOLS,
         "ABLATION_LOSS": "hill",
         "ABLATION_PROTOCOL": "40% left",
         "LAMS": [0.1, 0.3, 3.0, 10.0],
         "TAUS": [0.7],
-        "BOOTSTRAP_RESAMPLES": 500,  # one seed: every comparison bootstraps the test set (40000 COCO images)
+        "BOOTSTRAP_RESAMPLES": 500,  # test-image resamples of every interval (40000 COCO images)
         "PROCESSES": 1,
         "OVERRIDES": {},
     },

@@ -359,18 +359,38 @@ def main_table(runs: pd.DataFrame, **compare: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+#: The label-correction columns of the run frames (:func:`clml_core.experiments.collect`) and their table names:
+#: precision and recall of the counts summed over the whole run, and in the epoch selected on validation.
+CORRECTION_COLUMNS = {
+    "corr_precision": "corr precision (run)",
+    "corr_recall": "corr recall (run)",
+    "corr_precision_selected": "corr precision (selected epoch)",
+    "corr_recall_selected": "corr recall (selected epoch)",
+}
+_CORRECTION_MEANS = [f"{name}_mean" for name in CORRECTION_COLUMNS.values()]
+
+
+def _correction_means(runs: pd.DataFrame) -> dict[str, float]:
+    """The mean of each correction column of ``runs`` under its table name (NaN for a column the runs lack)."""
+    return {
+        f"{name}_mean": runs[column].mean() if column in runs else math.nan
+        for column, name in CORRECTION_COLUMNS.items()
+    }
+
+
 def seed_summary(runs: pd.DataFrame, by: Sequence[str], value: str = "test_map") -> pd.DataFrame:
     """Mean and standard deviation over seeds of ``value`` and the mean correction precision and recall.
 
     Returns:
-        One row per group of ``by`` (first-appearance order): the ``by`` columns, ``mAP_mean``, ``mAP_std``,
-        ``corr_precision_mean``, ``corr_recall_mean`` (NaN where the correction never ran) and ``n seeds``.
+        One row per group of ``by`` (first-appearance order): the ``by`` columns, ``mAP_mean``, ``mAP_std``, the
+        mean correction precision and recall over the whole run and in the selected epoch (the columns of
+        :data:`CORRECTION_COLUMNS`, ``_mean``; NaN where the correction never ran) and ``n seeds``.
     """
     stats = mean_std(runs, by, value).rename(columns={"mean": "mAP_mean", "std": "mAP_std", "n": "n seeds"})
-    correction = runs.groupby(list(by), sort=False)[["corr_precision", "corr_recall"]].mean().reset_index()
-    correction = correction.rename(columns=lambda c: c if c in by else f"{c}_mean")
+    groups = runs.groupby(list(by), sort=False, dropna=False)
+    correction = pd.DataFrame([{**dict(zip(by, key)), **_correction_means(group)} for key, group in groups])
     table = stats.merge(correction, on=list(by), how="left")
-    return table[[*by, "mAP_mean", "mAP_std", "corr_precision_mean", "corr_recall_mean", "n seeds"]]
+    return table[[*by, "mAP_mean", "mAP_std", *_CORRECTION_MEANS, "n seeds"]]
 
 
 def comparison_table(
@@ -389,31 +409,27 @@ def comparison_table(
 
     Returns:
         One row per setting (first-appearance order): the ``by`` columns, ``mAP_mean``, ``mAP_std``,
-        ``corr_precision_mean``, ``corr_recall_mean`` (over the paired seeds; NaN where the correction never ran),
-        the module's comparison columns, ``vs`` and ``n seeds`` (paired seeds; the ``CI`` column counts the runs
-        left out for want of a pair).
+        the correction means of :func:`seed_summary` (over the paired seeds), the module's comparison columns,
+        ``vs`` and ``n seeds`` (paired seeds; the ``CI`` column counts the runs left out for want of a pair).
     """
     options, confidence = _compare_options(compare, "comparison_table")
     rows = []
     for key, group in runs.groupby(list(by), sort=False, dropna=False):
         result = compare_runs(group, reference, **options)
         paired, _ = _paired_runs(group, reference)
-        correction = {name: paired[name].mean() if name in paired else math.nan
-                      for name in ("corr_precision", "corr_recall")}  # fmt: skip
         rows.append(
             {
                 **dict(zip(by, key)),
                 "mAP_mean": paired["test_map"].mean(),
                 "mAP_std": _std(paired["test_map"]),
-                "corr_precision_mean": correction["corr_precision"],
-                "corr_recall_mean": correction["corr_recall"],
+                **_correction_means(paired),
                 **result,
                 "vs": reference_name,
                 "n seeds": result["n pairs"],
             }
         )
     rows = _adjust(rows, confidence)
-    columns = [*by, "mAP_mean", "mAP_std", "corr_precision_mean", "corr_recall_mean", *_COMPARISON, "vs", "n seeds"]
+    columns = [*by, "mAP_mean", "mAP_std", *_CORRECTION_MEANS, *_COMPARISON, "vs", "n seeds"]
     return pd.DataFrame(rows, columns=columns)
 
 

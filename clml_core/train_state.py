@@ -62,6 +62,8 @@ class EpochSums:
             "corr_precision": self.correction.precision,
             "corr_recall": self.correction.recall,
             "corr_recovered": self.correction.n_recovered,
+            "corr_missing": self.correction.n_missing,
+            "corr_true_recovered": self.correction.n_true_recovered,
         }
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from clml_core.config import resolve_config
 from clml_core.experiments import ablation_grid, main_grid, reference_grid, sensitivity_grid
 
 
@@ -105,3 +106,11 @@ def test_an_interrupted_study_run_is_resumed(tmp_path):
     assert not (folder / "results.json").exists()
     run_specs([spec], tmp_path, processes=1)  # reads the folder's config.yaml back and continues
     assert (folder / "results.json").exists()
+
+
+def test_the_seed_varies_the_mask_and_the_validation_carve_but_not_the_test_split():
+    specs = main_grid("smoke", ["bce"], ["40% left"], [0, 3])
+    base = resolve_config("smoke")
+    for spec in specs:
+        data = spec.config().data
+        assert (data.protocol_seed, data.split_seed) == (base.data.protocol_seed + spec.seed, base.data.split_seed)

@@ -129,30 +129,33 @@ def test_comparison_table_against_a_reference():
     bce = runs[runs["loss"] == "bce"]
     reference = bce[~bce["clml"]]
     table = tables.comparison_table(bce, ["clml"], reference, "bce without CLML", test_images=False)
-    summary = ["clml", "mAP_mean", "mAP_std", "corr_precision_mean", "corr_recall_mean"]
+    summary = ["clml", "mAP_mean", "mAP_std", "corr precision (run)_mean", "corr recall (run)_mean",
+               "corr precision (selected epoch)_mean", "corr recall (selected epoch)_mean"]  # fmt: skip
     comparison = ["diff", "diff_low", "diff_high", "p", "p_holm", "p_bh", "decision", "CI excludes 0", "CI covers",
                   "CI", "diff_seeds_low", "diff_seeds_high", "vs", "n seeds"]  # fmt: skip
     assert table.columns.tolist() == summary + comparison
     same, clml = table.iloc[0], table.iloc[1]
     assert (same["diff"], same["diff_low"], same["diff_high"]) == (0.0, 0.0, 0.0)  # the reference against itself
-    assert clml["diff"] == 2.0 and np.isclose(clml["corr_precision_mean"], 0.7) and clml["n seeds"] == 3
-    assert pd.isna(same["corr_precision_mean"])
+    assert clml["diff"] == 2.0 and np.isclose(clml["corr precision (run)_mean"], 0.7) and clml["n seeds"] == 3
+    assert pd.isna(same["corr precision (run)_mean"])
     # The reference against itself is no test: no p-value, not in the adjusted family.
     assert same["decision"] == "reference" and np.isnan(same["p"]) and np.isnan(same["p_holm"])
     p = scipy_stats.ttest_rel([51.5, 54.0, 50.5], [50.0, 52.0, 48.0]).pvalue
     assert np.isclose(clml["p"], p) and np.isclose(clml["p_holm"], p) and clml["decision"] == "higher"
     text = tables.format_summary(table)
-    assert text.iloc[0]["corr_precision"] == "n/a" and text.iloc[1]["vs"] == "bce without CLML"
+    assert text.iloc[0]["corr precision (run)"] == "n/a" and text.iloc[1]["vs"] == "bce without CLML"
 
 
 def test_seed_summary_includes_correction_quality():
     table = tables.seed_summary(_runs(), ["loss", "clml"])
     row = table[(table["loss"] == "bce") & table["clml"]].iloc[0]
-    assert np.isclose(row["corr_precision_mean"], 0.7) and np.isclose(row["corr_recall_mean"], 0.3)
+    assert np.isclose(row["corr precision (run)_mean"], 0.7) and np.isclose(row["corr recall (run)_mean"], 0.3)
     assert row["n seeds"] == 3
     text = tables.format_summary(table)
-    assert text.columns.tolist() == ["loss", "clml", "mAP", "corr_precision", "corr_recall", "n seeds"]
-    assert text.iloc[0].tolist() == ["bce", "no", "50.00 ± 2.00", "n/a", "n/a", "3"]
+    correction = ["corr precision (run)", "corr recall (run)", "corr precision (selected epoch)",
+                  "corr recall (selected epoch)"]  # fmt: skip
+    assert text.columns.tolist() == ["loss", "clml", "mAP", *correction, "n seeds"]
+    assert text.iloc[0].tolist() == ["bce", "no", "50.00 ± 2.00", "n/a", "n/a", "n/a", "n/a", "3"]
 
 
 def test_per_class_table_pairs_classes_by_seed():
@@ -329,7 +332,7 @@ def test_comparison_table_with_test_images_leaves_the_reference_out_of_the_famil
     _, _, expected = _expected_interval(cell, labels)
     assert np.allclose(table.loc["hill + CLML", ["diff", "diff_low", "diff_high", "p"]].astype(float),
                        [expected.estimate, expected.low, expected.high, expected.p_value])  # fmt: skip
-    assert np.isclose(table.loc["hill + CLML", "corr_precision_mean"], 0.5)
+    assert np.isclose(table.loc["hill + CLML", "corr precision (run)_mean"], 0.5)
 
 
 def test_per_class_table_two_level_interval_per_class(tmp_path):

@@ -377,3 +377,19 @@ def test_reading_the_logged_terms_every_step_or_every_few_steps_logs_the_same(tm
 def _metrics_after(results, run):
     assert results["epochs"] == 2
     return _metrics(run)
+
+
+def test_correction_quality_over_the_whole_run_and_in_the_selected_epoch(tmp_path):
+    run = tmp_path / "run"
+    results = train(_config(clml={"tau": 0.1, "correction_start_epoch": 0}), run)
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert (metrics["corr_recovered"] > 0).all()  # a low threshold: correction recovers labels in every epoch
+    true, recovered, missing = (metrics[c].sum() for c in ("corr_true_recovered", "corr_recovered", "corr_missing"))
+    assert np.isclose(results["run_corr_precision"], true / recovered)
+    assert np.isclose(results["run_corr_recall"], true / missing)
+    selected = metrics[metrics["epoch"] == results["best_epoch"]].iloc[0]
+    for name in ("precision", "recall"):
+        expected = selected[f"corr_{name}"]
+        assert np.isclose(results[f"selected_corr_{name}"], expected, equal_nan=True) or (
+            results[f"selected_corr_{name}"] is None and np.isnan(expected)  # JSON writes NaN as null
+        )
