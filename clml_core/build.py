@@ -8,8 +8,10 @@ in a fixed order, since the model's initialisation draws from the random state t
 2. data: the splits with the missing-label protocol (:mod:`clml_core.data.splits`);
 3. model: the network, frozen as ``model.train_mode`` says, the feature store in the frozen mode
    (:mod:`clml_core.features`), its ``model_spec``, and the module a batch goes through (DDP, compile);
-4. optimisation: Adam, the batches, the schedule, the EMA of the weights and the loss scaler;
-5. objective: the base loss, the CLML term and the correction schedule (:mod:`clml_core.objective`).
+4. objective: the base loss (or a stateful method, which reads the training split), the CLML term and the
+   correction schedule (:mod:`clml_core.objective`); it draws nothing from the global random state;
+5. optimisation: Adam over the model's parameter groups and the objective's parameters (ROLE's label estimate),
+   the batches, the schedule, the EMA of the weights and the loss scaler.
 
 Three training modes (``model.train_mode``), one engine: ``end_to_end`` trains every weight (the paper); ``partial``
 trains the last ``model.trainable_stages`` backbone stages and keeps the rest frozen (weights and BatchNorm
@@ -36,9 +38,38 @@ from clml_core.features import feature_splits
 from clml_core.loaders import EpochBatches, eval_loader, train_loader
 from clml_core.losses import CLMLLoss, make_base_loss
 from clml_core.losses.authors import AuthorsCLMLLoss
+from clml_core.losses.stateful import STATEFUL_LOSSES, MethodContext, make_stateful_loss
 from clml_core.models import FeatureHead, MultiLabelNet, build_model, param_groups, preprocessing_for
-from clml_core.objective import BaseLossInputs, CorrectionSchedule, TrainingObjective
+from clml_core.objective import BaseLossInputs, CorrectionSchedule, TrainingObjective, TrainScorer
 from clml_core.train_state import DeviceEMA, seed_everything
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """When training ends before its last epoch (config fields optim.early_stop, optim.early_stop_points).
+
+    A rule on the validation mAP of the epochs so far (the model's ``val_map`` column, in points), checked before
+    each epoch. The metrics rows are part of every checkpoint, so a resumed run stops where an uninterrupted one
+    does.
+
+    Attributes:
+        rule: "off"; "no_improvement": stop after the first epoch whose mAP is not above every earlier one (Zhou et
+            al.'s EM code); "below_best": stop after an epoch whose mAP is more than ``points`` below the best so far
+            (LL: 3, GR-Loss: 2).
+        points: the margin of "below_best".
+    """
+
+    rule: str = "off"
+    points: float = 0.0
+
+    def stops(self, rows: list[dict[str, Any]]) -> bool:
+        """Whether the run ends after the epochs of ``rows`` (the metrics rows, oldest first)."""
+        if self.rule == "off" or len(rows) < 2:
+            return False
+        scores = [row["val_map"] for row in rows]
+        if self.rule == "no_improvement":
+            return not scores[-1] > max(scores[:-1])
+        return max(scores) - scores[-1] > self.points
 
 
 @dataclass(frozen=True)
@@ -56,6 +87,7 @@ class LoopSettings:
     channels_last: bool  # model.channels_last
     grad_clip: float  # optim.grad_clip (0: none)
     static_loss_scale: float  # optim.loss_scale without loss_scale_doublings (0: none)
+    early_stop: EarlyStop = EarlyStop()  # optim.early_stop, optim.early_stop_points
 
 
 @dataclass
@@ -122,9 +154,15 @@ def build_run(config: TrainConfig) -> RunParts:
         )  # fmt: skip
     spec = model_spec(model, config.model, splits.train.classes, size)
     net = _trainable(FeatureHead(model) if frozen else model, device, config.model.compile)
-    # ---------------------------------------------------------------------------------------- optimisation
+    # ------------------------------------------------------------------------------------------- objective
     optim = config.optim
-    optimizer = torch.optim.Adam(param_groups(model, optim.weight_decay), lr=optim.lr)
+    # The training images as evaluation sees them: view 0 of the feature store, or the validation transform.
+    scored = splits.train if frozen else splits.train.with_transform(splits.val.transform)
+    scorer = TrainScorer(scored, optim.batch_size, data.workers, device, optim.amp, config.model.channels_last)
+    objective = build_objective(config, splits.train, scorer).to(device)
+    # ---------------------------------------------------------------------------------------- optimisation
+    groups = optimizer_groups(model, objective, optim, config.loss.estimator_lr_mult)
+    optimizer = torch.optim.Adam(groups, lr=optim.lr)
     batches = EpochBatches(len(splits.train), optim.batch_size, config.seed, dist_utils.rank(), dist_utils.world_size())
     augment = data.augment != "none"
     loader = train_loader(splits.train, batches, seed=config.seed, augment=augment, workers=data.workers, device=device)
@@ -134,8 +172,6 @@ def build_run(config: TrainConfig) -> RunParts:
     scheduler = _scheduler(optimizer, optim, batches.steps)
     ema = DeviceEMA(model, optim.ema_decay) if optim.ema_decay > 0 else None
     scaler = _grad_scaler(optim, device, batches.steps * (optim.stop_epoch or optim.epochs))
-    # ------------------------------------------------------------------------------------------- objective
-    objective = build_objective(config)
     return RunParts(
         device=device, splits=splits, model=model, net=net, frozen=frozen, spec=spec, loader=loader,
         val_loader=val_loader, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler,
@@ -153,6 +189,7 @@ def build_network(model: ModelConfig, num_classes: int, device: torch.device) ->
         proj_hidden_dim=model.proj_hidden_dim,
         widths=model.widths,
         classify_embeddings=model.classify_embeddings,
+        classifier_head=model.head,
     )
     mode = model.train_mode
     network.freeze_backbone(0 if mode == "frozen" else model.trainable_stages if mode == "partial" else None)
@@ -173,7 +210,8 @@ def _scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_e
     """OneCycle over the run's ``optim.epochs`` (stepped every step), or a constant learning rate."""
     if optim.schedule == "onecycle":
         total, warmup = optim.epochs * max(steps_per_epoch, 1), optim.pct_start
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optim.lr, total_steps=total, pct_start=warmup)
+        peaks = [group["lr"] for group in optimizer.param_groups]  # optim.lr, times a group's multiplier
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=warmup)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -188,14 +226,52 @@ def _grad_scaler(optim: OptimConfig, device: torch.device, steps: int) -> torch.
     return torch.amp.GradScaler(device.type, enabled=optim.amp == "fp16")
 
 
-def build_objective(config: TrainConfig) -> TrainingObjective:
+def optimizer_groups(
+    model: nn.Module, objective: nn.Module, optim: OptimConfig, estimator_lr_mult: float
+) -> list[dict[str, Any]]:
+    """Adam's parameter groups: the model's (:func:`~clml_core.models.param_groups`), the classifier's apart at
+    ``optim.classifier_lr_mult`` times the learning rate when that is not 1 (LL, BoostLU, GR-Loss: 10), and the
+    objective's own parameters (ROLE's label estimate) at ``estimator_lr_mult`` times it without weight decay.
+
+    With neither, the groups are exactly :func:`~clml_core.models.param_groups`'s.
+    """
+    groups = param_groups(model, optim.weight_decay)
+    if optim.classifier_lr_mult != 1:
+        classifier = {id(param) for param in model.classifier.parameters()}
+        split = []
+        for group in groups:
+            rest = [param for param in group["params"] if id(param) not in classifier]
+            own = [param for param in group["params"] if id(param) in classifier]
+            split.append({**group, "params": rest})
+            split.append({**group, "params": own, "lr": optim.lr * optim.classifier_lr_mult})
+        groups = [group for group in split if group["params"]]
+    extra = [param for param in objective.parameters() if param.requires_grad]
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0, "lr": optim.lr * estimator_lr_mult})
+    return groups
+
+
+def build_objective(config: TrainConfig, train: Any = None, scorer: TrainScorer | None = None) -> TrainingObjective:
     """The training objective of ``config.loss`` and ``config.clml``.
 
     Labels were validated when the datasets were built, and a non-finite loss stops the run with its own message,
     so the losses skip their per-call value checks (a device synchronisation each on a GPU).
+
+    Args:
+        config: the run's configuration.
+        train: the training split (its ``observed`` and ``labels``), which a stateful method (``loss.base`` in
+            :data:`~clml_core.losses.stateful.STATEFUL_LOSSES`) needs; None otherwise.
+        scorer: scores the training images for a method that asks for them at an epoch's start (EM + APL).
+
+    Raises:
+        ValueError: a stateful method without ``train``, or under several DDP processes (its per-image state
+            would differ between ranks).
     """
     loss, clml = config.loss, config.clml
-    base = make_base_loss(loss.base, reduction=loss.reduction, check_values=False, **dict(loss.kwargs))
+    if loss.base in STATEFUL_LOSSES:
+        base: nn.Module = _stateful_method(config, train)
+    else:
+        base = make_base_loss(loss.base, reduction=loss.reduction, check_values=False, **dict(loss.kwargs))
     if clml.authors_release:
         term: nn.Module | None = AuthorsCLMLLoss(lam=clml.lam, delta=clml.delta)
     elif clml.enabled:
@@ -212,13 +288,39 @@ def build_objective(config: TrainConfig) -> TrainingObjective:
         feeds_base=clml.correct_base,
     )
     rate = loss.llr_rate_per_epoch if loss.base == "ll-r" else None
-    inputs = BaseLossInputs(splc_start_epoch=loss.splc_start_epoch, reject_rate_per_epoch=rate)
+    gr_epochs = config.optim.epochs if loss.base == "gr" else None  # GR-Loss's K and V move over the run
+    inputs = BaseLossInputs(splc_start_epoch=loss.splc_start_epoch, reject_rate_per_epoch=rate, gr_epochs=gr_epochs)
     scale = dist_utils.world_size() if loss.reduction == "sum" else 1  # see clml_core.distributed
-    return TrainingObjective(base, term, correction, inputs, base_scale=scale)
+    return TrainingObjective(base, term, correction, inputs, base_scale=scale, scorer=scorer)
+
+
+def _stateful_method(config: TrainConfig, train: Any) -> nn.Module:
+    """The stateful method ``config.loss.base`` for the training split ``train``."""
+    loss = config.loss
+    if train is None:
+        raise ValueError(f"loss.base={loss.base!r} keeps per-image state: build_objective needs the training split")
+    if dist_utils.world_size() > 1:
+        raise ValueError(
+            f"loss.base={loss.base!r} keeps per-image state, which this engine does not share between DDP processes; "
+            "train it in one process"
+        )
+    context = MethodContext(
+        observed=torch.tensor(train.observed),  # a copy: the split's array may be read-only
+        num_epochs=config.optim.epochs,
+        seed=config.seed,
+        rate_per_epoch=loss.llr_rate_per_epoch,
+        mean_label_count=float(train.labels.sum(axis=1).mean()),
+    )
+    return make_stateful_loss(loss.base, context, reduction=loss.reduction, **dict(loss.kwargs))
 
 
 def loop_settings(config: TrainConfig) -> LoopSettings:
     optim = config.optim
+    if optim.early_stop != "off" and dist_utils.world_size() > 1:
+        raise ValueError(
+            "config field 'optim.early_stop': the rule reads the validation mAP, which only the main process of a "
+            "DDP run computes; train in one process or set optim.early_stop=off"
+        )
     return LoopSettings(
         name=config.name,
         last_epoch=optim.stop_epoch or optim.epochs,
@@ -231,4 +333,5 @@ def loop_settings(config: TrainConfig) -> LoopSettings:
         channels_last=config.model.channels_last,
         grad_clip=optim.grad_clip,
         static_loss_scale=optim.loss_scale if not optim.loss_scale_doublings else 0.0,
+        early_stop=EarlyStop(optim.early_stop, optim.early_stop_points),
     )

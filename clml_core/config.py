@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+import torch
 import yaml
 
 from clml_core.losses import BASE_LOSSES, CLMLLoss, make_base_loss
+from clml_core.losses.stateful import STATEFUL_LOSSES, MethodContext, make_stateful_loss
 from clml_core.models import ARCHS
 
 #: Sizes of the embedded benchmark selected by ``data.synthetic_size`` (keyword arguments of SyntheticConfig).
@@ -139,12 +141,18 @@ class ModelConfig:
     trainable_stages: int = 0  # train_mode=partial: backbone stages that train, counted from the output side
     channels_last: bool = False
     compile: bool = False
+    # linear: a linear classifier on the pooled features | boostlu: a 1x1 convolution on the feature map whose
+    # positive class activations are boosted (x5) before the spatial mean (Kim et al., CVPR 2023); not with frozen
+    head: Literal["linear", "boostlu"] = "linear"
 
     def validate(self) -> None:
         """Raise ValueError naming the first field of this section that is out of range or contradicts another."""
         _check_fields(self, "model.", {"trainable_stages": 0})
         if self.arch not in ARCHS:
             _fail("model.arch", f"{self.arch!r} is not one of {', '.join(ARCHS)}")
+        if self.head == "boostlu" and self.classify_embeddings:
+            _fail("model.head", "boostlu classifies the backbone's feature map, not the embeddings: it cannot be "
+                  "combined with model.classify_embeddings")  # fmt: skip
         if (self.train_mode == "partial") != (self.trainable_stages > 0):
             _fail(
                 "model.trainable_stages",
@@ -163,21 +171,40 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    base: str = "bce"  # a name in clml_core.losses.BASE_LOSSES (checked by building the loss)
+    # a name in clml_core.losses.BASE_LOSSES, or a method with its own state in clml_core.losses.stateful
+    # STATEFUL_LOSSES (role, ll-ct, ll-cp, em-apl); checked by building the loss
+    base: str = "bce"
     # sum: over batch x classes, the authors' convention (lambda = 1 as in the paper)
     reduction: Literal["sum", "mean"] = "sum"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra base-loss hyperparameters
     splc_start_epoch: int = 1  # epoch from which SPLC's own correction is active
-    llr_rate_per_epoch: float = 0.002  # LL-R: rejection rate grows by this each epoch
+    # LL's delta_rel as a share: LL-R's rejection rate and LL-Ct's correction rate grow by this each epoch; LL-Cp
+    # corrects (and flips) this share of each batch from the second epoch
+    llr_rate_per_epoch: float = 0.002
+    estimator_lr_mult: float = 10.0  # role: the label estimate's learning rate, times optim.lr (Cole et al.: 10)
 
-    def validate(self) -> None:
+    def validate(self, num_epochs: int = 1_000_000) -> None:
         """Raise ValueError naming the first bad field; the base loss is built once, so a bad ``kwargs`` entry fails
-        now, not at the first training step."""
+        now, not at the first training step. ``num_epochs`` is the run's (EM + APL's warm-up must be shorter);
+        :class:`TrainConfig` passes it."""
         _check_fields(self, "loss.", {"splc_start_epoch": 0, "llr_rate_per_epoch": 0})
+        if not self.estimator_lr_mult > 0:
+            _fail("loss.estimator_lr_mult", f"must be > 0, got {self.estimator_lr_mult}")
+        if self.base == "gr" and {"k", "v"} & set(self.kwargs):
+            _fail(
+                "loss.kwargs", "gr's k and v follow GR-Loss's schedule over the run (losses.gr_schedule); give q only"
+            )
+        known = (*BASE_LOSSES, *STATEFUL_LOSSES)
+        if self.base not in known:
+            _fail("loss.base", f"unknown base loss {self.base!r}; valid names: {', '.join(known)}")
         try:
-            make_base_loss(self.base, reduction=self.reduction, **self.kwargs)
+            if self.base in STATEFUL_LOSSES:  # a placeholder training split: this checks the hyperparameters
+                context = MethodContext(torch.tensor([[1, 0]]), num_epochs=num_epochs, rate_per_epoch=1.0)
+                make_stateful_loss(self.base, context, reduction=self.reduction, **self.kwargs)
+            else:
+                make_base_loss(self.base, reduction=self.reduction, **self.kwargs)
         except (TypeError, ValueError) as error:
-            _fail("loss.base" if self.base not in BASE_LOSSES else "loss.kwargs", str(error))
+            _fail("loss.kwargs", str(error))
 
 
 @dataclass
@@ -224,6 +251,11 @@ class OptimConfig:
     loss_scale: float = 0.0
     loss_scale_doublings: float = 0.0
     grad_clip: float = 0.0
+    classifier_lr_mult: float = 1.0  # the classifier's learning rate, times lr (LL, BoostLU and GR-Loss: 10)
+    # off | no_improvement: stop after the first epoch whose validation mAP is no new best (Zhou et al.'s EM) |
+    # below_best: stop after an epoch more than early_stop_points mAP points below the best (LL: 3, GR-Loss: 2)
+    early_stop: Literal["off", "no_improvement", "below_best"] = "off"
+    early_stop_points: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first field of this section that is out of range or contradicts another."""
@@ -234,10 +266,15 @@ class OptimConfig:
             "loss_scale": 0,
             "loss_scale_doublings": 0,
             "grad_clip": 0,
+            "early_stop_points": 0,
         }
         _check_fields(self, "optim.", minimum)
         if not self.lr > 0:
             _fail("optim.lr", f"must be > 0, got {self.lr}")
+        if not self.classifier_lr_mult > 0:
+            _fail("optim.classifier_lr_mult", f"must be > 0, got {self.classifier_lr_mult}")
+        if self.early_stop_points and self.early_stop != "below_best":
+            _fail("optim.early_stop_points", f"only optim.early_stop=below_best reads it (got {self.early_stop!r})")
         if not 0 <= self.stop_epoch <= self.epochs:
             _fail("optim.stop_epoch", f"must be in [0, optim.epochs = {self.epochs}], got {self.stop_epoch}")
         if not 0.0 < self.pct_start < 1.0:
@@ -281,9 +318,45 @@ class TrainConfig:
         _check_fields(self, "", {"seed": 0, "threads": 0, "checkpoint_every": 0, "log_every": 1})
         if not self.name or "/" in self.name:
             _fail("name", f"must be a non-empty name without '/', got {self.name!r}")
-        for section in (self.data, self.model, self.loss, self.clml, self.optim):
-            section.validate()
+        self.data.validate()
+        self.model.validate()
+        self.loss.validate(num_epochs=self.optim.epochs)
+        self.clml.validate()
+        self.optim.validate()
         _check_across_sections(self)
+
+
+def _merged(preset: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``preset`` with ``updates`` applied section by section (one level deep)."""
+    merged = copy.deepcopy(preset)
+    for key, value in updates.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+#: Cole et al.'s single-positive harness (CVPR 2021, ``elijahcole/single-positive-multi-label``) end to end: their
+#: observed labels and validation carve (data.protocol=cole, seed 1200, 20 %), selection on the full validation
+#: labels, the official test split, ResNet-50 (ImageNet weights) at 448 px, Adam without weight decay or schedule,
+#: the harness's mean reduction, AN (pick the method with loss.base), no CLML term. Their batch x lr grid ({8, 16} x
+#: {1e-2, 1e-3, 1e-4, 1e-5}, best on clean validation) is the study's to search: override optim.batch_size and
+#: optim.lr. Where ours differs: the ResNets here take [0, 1] images (theirs ImageNet-normalised), no training
+#: augmentation (theirs a horizontal flip; data.augment has no flip alone), and data.dataset=voc is VOC2007
+#: trainval/test (theirs VOC2012 train/val).
+COLE_E2E: dict[str, Any] = {
+    "name": "cole_e2e",
+    "data": {
+        "dataset": "voc",
+        "image_size": 448,
+        "protocol": "cole",
+        "protocol_seed": 1200,
+        "val_fraction": 0.2,
+        "val_labels": "full",
+    },
+    "model": {"arch": "resnet50", "weights": "imagenet", "train_mode": "end_to_end"},
+    "loss": {"base": "an", "reduction": "mean"},
+    "clml": {"enabled": False},
+    "optim": {"epochs": 10, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant"},
+}
 
 
 #: Named starting configurations (``--preset``); each study profile names its own under ``PRESET``
@@ -383,6 +456,62 @@ PRESETS: dict[str, dict[str, Any]] = {
             "amp": "bf16",
         },
     },
+    # Cole et al.'s harness (see COLE_E2E): end_to_end, 10 epochs.
+    "cole_e2e": COLE_E2E,
+    # Cole's linear_fixed_features: a linear classifier on the frozen backbone's cached features, 25 epochs.
+    "cole_linear": _merged(
+        COLE_E2E, {"name": "cole_linear", "model": {"train_mode": "frozen"}, "optim": {"epochs": 25}}
+    ),
+    # The descendants' deviations from Cole's harness, each by name (their published presets; end to end only):
+    # LL (Kim et al., CVPR 2022): the classifier at 10 x lr, batch 16, lr 1e-5, stop after an epoch more than 3 mAP
+    # points below the best validation mAP. Choose ll-r, ll-ct or ll-cp (and loss.llr_rate_per_epoch) with loss.base.
+    "cole_e2e_ll": _merged(
+        COLE_E2E,
+        {
+            "name": "cole_e2e_ll",
+            "optim": {
+                "batch_size": 16,
+                "lr": 1e-5,
+                "classifier_lr_mult": 10.0,
+                "early_stop": "below_best",
+                "early_stop_points": 3.0,
+            },
+        },
+    ),  # fmt: skip
+    # GR-Loss (Chen et al., IJCAI 2024): the classifier at 10 x lr, 8 epochs (the schedule of K and V spans them),
+    # batch 8, lr 1e-5, stop 2 points below the best.
+    "cole_e2e_gr": _merged(
+        COLE_E2E,
+        {
+            "name": "cole_e2e_gr",
+            "loss": {"base": "gr"},
+            "optim": {
+                "epochs": 8,
+                "batch_size": 8,
+                "lr": 1e-5,
+                "classifier_lr_mult": 10.0,
+                "early_stop": "below_best",
+                "early_stop_points": 2.0,
+            },
+        },
+    ),  # fmt: skip
+    # EM / EM + APL (Zhou et al., ECCV 2022): one learning rate, batch 8 and lr 1e-5 (VOC; COCO and NUS-WIDE: 16),
+    # stop after the first epoch whose validation mAP is no new best. Their per-dataset alpha, beta and warm-up go
+    # in loss.kwargs.
+    "cole_e2e_em": _merged(
+        COLE_E2E,
+        {"name": "cole_e2e_em", "optim": {"batch_size": 8, "lr": 1e-5, "early_stop": "no_improvement"}},
+    ),
+    # BoostLU (Kim et al., CVPR 2023): the boosted CAM head (model.head=boostlu) at 10 x lr, batch 16, lr 1e-5, all
+    # 10 epochs (no early stop). Its headline pairs it with LL-R: loss.base=ll-r.
+    "cole_e2e_boostlu": _merged(
+        COLE_E2E,
+        {
+            "name": "cole_e2e_boostlu",
+            "model": {"head": "boostlu"},
+            "optim": {"batch_size": 16, "lr": 1e-5, "classifier_lr_mult": 10.0},
+        },
+    ),
 }
 
 
@@ -623,6 +752,9 @@ def _check_across_sections(config: TrainConfig) -> None:
         _fail("data.feature_views", "the views are augmented; set data.augment")
     if model.train_mode == "frozen" and data.dataset == "synthetic":
         _fail("model.train_mode", "frozen needs a dataset of image files, not synthetic")
+    if model.train_mode == "frozen" and model.head == "boostlu":
+        _fail("model.head", "boostlu reads the backbone's feature map, but model.train_mode=frozen caches pooled "
+              "features only; use end_to_end or partial, or model.head=linear")  # fmt: skip
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -13,7 +13,8 @@ differs from it is refused before any file is written.
 Resuming: the data order and every augmentation are functions of (seed, epoch, index) (:mod:`clml_core.loaders`),
 and a checkpoint holds the model, optimiser, schedule, EMA, loss scaler, the objective's state, the epoch's running
 sums and the random states, so a resumed run, even one killed mid-epoch, ends with the same result as an
-uninterrupted one.
+uninterrupted one. The objective's epoch-start hook runs at step 0 of an epoch only, and early stopping
+(``optim.early_stop``) is a rule on the metrics rows a checkpoint holds, so both resume too.
 
 Every checkpoint (``best.pt`` too) carries a ``model_spec``, so ``python -m clml_core.evaluate RUN_DIR ...``
 rebuilds the model from the run folder alone. The three training modes (``model.train_mode``) differ only in the
@@ -280,8 +281,10 @@ class Trainer:
     def _fit_epochs(self, max_steps: int | None) -> bool:
         settings, taken = self.settings, 0
         loader, sampler = self.parts.loader, self.parts.loader.batch_sampler
-        while self.epoch < settings.last_epoch:
+        while self.epoch < settings.last_epoch and not settings.early_stop.stops(self.rows):
             started = time.perf_counter()
+            if self.step == 0:  # never inside an epoch, so a resumed run does not repeat it (see clml_core.objective)
+                self.objective.epoch_start(self.epoch, self.parts.runnable(self.model))
             sampler.epoch, sampler.start_step = self.epoch, self.step
             bar = tqdm(
                 loader, total=sampler.steps, initial=self.step, leave=False,
@@ -335,6 +338,7 @@ class Trainer:
         test, train = parts.splits.test, parts.splits.train
         pred = self._predict(best_model, test, embeddings=settings.save_embeddings)
         results = runfolder.results_record(score(test.labels, pred["scores"], test.classes), self.best, self.rows)
+        results["stopped_early"] = len(self.rows) < settings.last_epoch  # optim.early_stop ended it
         if settings.save_embeddings:
             runfolder.write_test_outputs(self.out, pred["embeddings"], pred["scores"], test.labels, test.classes)
             # The last epoch's model on its own training images: the scores label correction last acted on.

