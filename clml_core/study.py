@@ -25,10 +25,14 @@ from typing import Any
 import yaml
 
 from clml_core.config import PRESETS
+from clml_core.experiments import SPML_METHODS
 from clml_core.paths import FIGURES_DIR, NOTEBOOKS_DIR, RUNS_DIR
 from clml_core.runio import atomic_write_json, git_state, machine_info
 
-NOTEBOOKS = ("00_data", "01_train", "02_ablation", "03_embeddings", "04_paper_figures")
+NOTEBOOKS = ("00_data", "01_train", "02_ablation", "03_embeddings", "04_paper_figures", "05_single_positive")
+
+#: The notebooks a profile runs unless it names its own (``NOTEBOOKS`` in its parameters).
+DEFAULT_NOTEBOOKS = NOTEBOOKS[:5]
 
 #: What ``04_paper_figures`` reads under the run root, by the notebook that writes it.
 FIGURE_INPUTS: dict[str, str] = {
@@ -59,6 +63,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "BOOTSTRAP_RESAMPLES": 200,
         "PROCESSES": 1,
         "OVERRIDES": {"data": {"limit_train": 128}, "optim": {"epochs": 1}},
+        "NOTEBOOKS": list(NOTEBOOKS),
+        "METHODS": ["AN", "EPR", "LL-Cp"],
+        "SETTINGS": {"embedded": {"PRESET": "smoke", "DATASET": "synthetic", "BACKBONE": "SmallCNN, smoke size"}},
     },
     "default": {
         "SMOKE": False,
@@ -115,6 +122,43 @@ PROFILES: dict[str, dict[str, Any]] = {
         "TAUS": [],
         "PROCESSES": 1,
         "OVERRIDES": {},
+    },
+    # Cole et al.'s single-positive harness and the methods built on it, each without and with CLML, on the embedded
+    # benchmark and on the VOC2007 photos with the frozen backbone (Cole's linear_fixed_features regime, here with
+    # the real preset's MLP head, which CLML acts on): python -m clml_core.study --profile spml -p DATA_ROOT=...
+    "spml": {
+        "SMOKE": False,
+        "PRESET": "real",
+        "DATASET": "voc",
+        "SEED": 0,
+        "SEEDS": [0, 1, 2, 3, 4],
+        "METHODS": list(SPML_METHODS),
+        "SETTINGS": {
+            "embedded": {
+                "PRESET": "default",
+                "DATASET": "synthetic",
+                "BACKBONE": "SmallCNN from scratch, 6 epochs",
+                "OVERRIDES": {"data": {"protocol": "cole", "protocol_seed": 1200, "val_labels": "full"}},
+                "KWARGS": {"em": {"alpha": 0.1}, "em-apl": {"alpha": 0.1, "beta": 0.2, "warmup": 3}},
+            },
+            "voc frozen": {
+                "PRESET": "real",
+                "DATASET": "voc",
+                "BACKBONE": "EfficientNet-Lite0 ImageNet frozen + MLP head",
+                "OVERRIDES": {
+                    "data": {"protocol": "cole", "protocol_seed": 1200, "val_labels": "full", "val_fraction": 0.2}
+                },
+                # EM's and EM+APL's published VOC values (Zhou et al.): alpha 0.2, APL's warm-up 5, beta 0.02.
+                "KWARGS": {"em": {"alpha": 0.2}, "em-apl": {"alpha": 0.2, "beta": 0.02, "warmup": 5}},
+                "SKIP": {
+                    "LL-R+BoostLU": "its class activation map needs the backbone's feature map, not cached features"
+                },
+            },
+        },
+        "BOOTSTRAP_RESAMPLES": 1000,
+        "PROCESSES": 2,
+        "OVERRIDES": {},
+        "NOTEBOOKS": ["05_single_positive"],
     },
     "paper": {
         "SMOKE": False,
@@ -210,7 +254,7 @@ def run_study(
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
-    names = list(only) if only else list(NOTEBOOKS)
+    names = list(only) if only else list(PROFILES[profile].get("NOTEBOOKS", DEFAULT_NOTEBOOKS))
     unknown = [name for name in names if name not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebook(s) {unknown}; valid: {', '.join(NOTEBOOKS)}")

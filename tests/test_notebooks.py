@@ -46,6 +46,10 @@ TABLES = [
     "sensitivity_table",
     "per_class_table",
     "embedding_table",
+    "spml_embedded_table",
+    "spml_embedded_vs_an_table",
+    "spml_embedded_pooled_table",
+    "spml_published_table",
 ]
 
 
