@@ -1,7 +1,7 @@
 """Scoring a model on a dataset, and the command line that scores finished runs from their folders alone.
 
     python -m clml_core.evaluate RUN_DIR [RUN_DIR ...] --dataset voc --root ROOT
-        [--split test|val|train | --dataset-split NAME] [--checkpoint best|last] [--out FILE]
+        [--split test|val|train | --dataset-split NAME] [--checkpoint best|last] [--threads N] [--out FILE]
 
 A run's checkpoint carries what rebuilds its model (``model_spec``: architecture, weights source, class names,
 head sizes, preprocessing, image size); its ``config.yaml`` gives how its splits were made. What is scored:
@@ -577,14 +577,25 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset", required=True, choices=[d for d in choices(DataConfig, "dataset") if d != "synthetic"]
     )
     parser.add_argument("--root", required=True, help="the dataset root")
-    parser.add_argument("--split", default=None, help="the run's own split: test (default), val or train")
     parser.add_argument(
-        "--dataset-split", default=None, help="a split of the dataset, scored whole (e.g. test, val2014)"
+        "--split", default=None, metavar="{test,val,train}", help="the run's own split: test (default), val or train"
+    )
+    parser.add_argument(
+        "--dataset-split",
+        default=None,
+        metavar="NAME",
+        help="a split of the dataset, scored whole (e.g. test, val2014)",
     )
     parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default; on a busy machine fewer can be faster)",
+    )
     parser.add_argument("--device", default="auto", choices=choices(TrainConfig, "device"))
     parser.add_argument(
-        "--out", default=None, help="one run: its results json; several: the table TABLE(.csv, .md) (see above)"
+        "--out", default=None, metavar="FILE", help="one run: its results json; several: the table FILE(.csv, .md)"
     )
     return parser
 
@@ -592,6 +603,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = _parser().parse_args(argv)
     label = split_label(args.split, args.dataset_split)  # rejects both, before anything is read
+    if args.threads < 0:
+        raise ValueError(f"--threads: expected 0 (torch's default) or a positive number, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     results = evaluate_runs(
         args.run_dirs, args.dataset, args.root, args.split,

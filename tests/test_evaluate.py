@@ -232,6 +232,7 @@ def test_a_missing_checkpoint_is_named_before_any_image_is_read(frozen_run: Path
     [
         (["--split", "test", "--dataset-split", "test"], "--split .* or --dataset-split .*not both"),
         (["--split", "val2014"], "not one of the run's own splits.*use --dataset-split val2014"),
+        (["--threads", "-1"], "--threads: expected 0"),
     ],
 )
 def test_the_split_arguments_are_checked_first(arguments: list[str], match: str, tmp_path: Path) -> None:
