@@ -125,6 +125,36 @@ def load_real(dataset: str, root: str, split: str) -> MultiLabelDataset:
     return REAL_DATASETS[dataset](root, split)
 
 
+def whole_split(data: DataConfig, preprocessing: Preprocessing, split: str) -> MultiLabelDataset:
+    """Split ``split`` of the real dataset ``data.dataset`` under ``data.root``, whole, with its full labels and the
+    evaluation resize to ``data.image_size``; only that split's files are read.
+
+    Raises:
+        ValueError: ``data.dataset`` is not a real dataset (a key of :data:`REAL_DATASETS`).
+        FileNotFoundError, ValueError: the loader's error, naming the missing or malformed file.
+    """
+    if data.dataset not in REAL_DATASETS:
+        raise ValueError(
+            f"config field 'data.dataset': {data.dataset!r} has no split files; one of {list(REAL_DATASETS)}"
+        )
+    return _eval_resized(load_real(data.dataset, data.root, split), data, preprocessing)
+
+
+def run_test_split(data: DataConfig, preprocessing: Preprocessing) -> MultiLabelDataset:
+    """A run's test split alone, the images and full labels :func:`build_splits` gives it (without a packed cache):
+    the dataset's test split, or with ``data.test_fraction`` the carve from its training split. Only the files of
+    the split it comes from are read."""
+    train_split, test_split = split_names(data)
+    if not data.test_fraction:
+        return whole_split(data, preprocessing, test_split)
+    _, test = carve_test(load_real(data.dataset, data.root, train_split), data.test_fraction, data.split_seed)
+    return _eval_resized(test, data, preprocessing)
+
+
+def _eval_resized(dataset: MultiLabelDataset, data: DataConfig, preprocessing: Preprocessing) -> MultiLabelDataset:
+    return dataset.with_transform(_plain(dataset, image_size(data.image_size, preprocessing), preprocessing))
+
+
 def cache_folder(cache_dir: str) -> Path:
     """Where packed caches and feature stores live (config field data.cache_dir; "" = data/cache)."""
     return Path(cache_dir) if cache_dir else DATA_DIR / "cache"
