@@ -51,7 +51,12 @@ from clml_core.data.dataset import MultiLabelDataset, shutdown_workers
 from clml_core.data.splits import build_splits, run_test_split, whole_split
 from clml_core.devices import autocast, select_device, to_input
 from clml_core.loaders import eval_loader
-from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
+from clml_core.metrics import (
+    average_precision_per_class,
+    cole_mean_average_precision,
+    mean_average_precision,
+    threshold_metrics,
+)
 from clml_core.models import MultiLabelNet, Preprocessing, build_model
 from clml_core.runio import atomic_write_json
 
@@ -106,15 +111,17 @@ def score(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> dic
         classes: the C class names.
 
     Returns:
-        ``map`` (classes with a positive), ``map_frequent`` (classes with >= FREQUENT_MIN_POSITIVES positives; NaN
-        if none), ``frequent_classes``, ``n_classes_scored``, ``threshold_metrics`` (CP, CR, CF1, OP, OR, OF1 at
-        0.5), ``ap_per_class`` (NaN without a positive), ``positives_per_class`` and ``n_images``.
+        ``map`` (classes with a positive), ``map_cole`` (every class, AP 0 without a positive: Cole et al.'s),
+        ``map_frequent`` (classes with >= FREQUENT_MIN_POSITIVES positives; NaN if none), ``frequent_classes``,
+        ``n_classes_scored``, ``threshold_metrics`` (CP, CR, CF1, OP, OR, OF1 at 0.5), ``ap_per_class`` (NaN
+        without a positive), ``positives_per_class`` and ``n_images``.
     """
     per_class = average_precision_per_class(labels, scores)
     positives = np.asarray(labels).sum(axis=0).astype(int)
     frequent = positives >= FREQUENT_MIN_POSITIVES
     return {
         "map": mean_average_precision(labels, scores),
+        "map_cole": cole_mean_average_precision(labels, scores),
         "map_frequent": float(per_class[frequent].mean()) if frequent.any() else float("nan"),
         "frequent_classes": [name for name, keep in zip(classes, frequent) if keep],
         "n_classes_scored": int((positives > 0).sum()),

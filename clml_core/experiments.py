@@ -415,6 +415,7 @@ def collect(root: str | Path, specs: Iterable[RunSpec] | None = None) -> pd.Data
                 "lam": config["clml"]["lam"],
                 "tau": config["clml"]["tau"],
                 "test_map": results["test_map"],
+                "test_map_cole": results["test_map_cole"],  # AP 0 for a class without a test positive
                 # mAP over the classes with >= clml_core.evaluate.FREQUENT_MIN_POSITIVES test positives (None before)
                 "test_map_frequent": results.get("test_map_frequent"),
                 "best_val_map": results["best_val_map"],
@@ -455,7 +456,7 @@ def collect_reliability(runs: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
 def collect_metrics(runs: pd.DataFrame) -> pd.DataFrame:
     """Every epoch row of the ``metrics.csv`` of each run of ``runs`` (a :func:`collect` frame), with the run's
     label columns (``epoch`` 0-based, as logged)."""
-    results = ("test_map", "best_val_map", "best_epoch", "train_seconds")
+    results = ("test_map", "test_map_cole", "best_val_map", "best_epoch", "train_seconds")
     keep = [c for c in runs.columns if c not in results and not c.startswith("corr_")]
     frames = [runfolder.read_metrics(run["folder"]).assign(**run) for run in runs[keep].to_dict("records")]
     return pd.concat(frames, ignore_index=True)

@@ -177,6 +177,15 @@ def mean_average_precision(targets: ArrayLike, scores: ArrayLike) -> float:
     return float(np.nanmean(ap))
 
 
+def cole_mean_average_precision(targets: ArrayLike, scores: ArrayLike) -> float:
+    """Cole et al.'s mAP, in percent: the mean over all C classes, a class with no positive counting as AP 0 (their
+    harness's ``compute_mAP``); equal to :func:`mean_average_precision` when every class has a positive.
+
+    Args and Raises as :func:`average_precision_per_class`.
+    """
+    return float(np.nan_to_num(average_precision_per_class(targets, scores), nan=0.0).mean())
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den with 0 where den == 0 (the zero_division=0 rule)."""
     return np.divide(num, den, out=np.zeros(np.shape(num), dtype=np.float64), where=den > 0)

@@ -14,7 +14,8 @@ A run folder holds (every file written atomically, see :mod:`clml_core.runio`)::
     checkpoints/           last.pt, previous.pt, best.pt, best-epoch{e}.pt (see :mod:`clml_core.checkpoints`)
     tensorboard/           event files, with config field tensorboard=true
     train.lock             the owner's lock while a process trains (see :mod:`clml_core.runlock`)
-    eval_<dataset>_<split>.json   scores written by ``python -m clml_core.evaluate``
+    eval_<dataset>_<split>.json   scores written by ``python -m clml_core.evaluate`` (the run's own split, or
+                           ``dataset-<NAME>`` for a split of the dataset scored whole)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Results(TypedDict):
     """The content of ``results.json``: test scores of the selected weights, the selection and the run's cost."""
 
     test_map: float  # mAP (%) over the test classes with a positive
+    test_map_cole: float  # mAP (%) over every class, AP 0 for a class without a test positive (Cole et al.'s)
     test_map_frequent: float  # mAP (%) over the well-populated test classes (clml_core.evaluate.FREQUENT_MIN_POSITIVES)
     test_frequent_classes: list[str]
     test_classes_scored: int
@@ -223,6 +225,7 @@ def results_record(scored: dict[str, Any], best: dict[str, Any], rows: list[dict
     and the metrics rows."""
     return {
         "test_map": scored["map"],
+        "test_map_cole": scored["map_cole"],
         "test_map_frequent": scored["map_frequent"],
         "test_frequent_classes": scored["frequent_classes"],
         "test_classes_scored": scored["n_classes_scored"],

@@ -7,7 +7,12 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
 
-from clml_core.metrics import average_precision_per_class, mean_average_precision, threshold_metrics
+from clml_core.metrics import (
+    average_precision_per_class,
+    cole_mean_average_precision,
+    mean_average_precision,
+    threshold_metrics,
+)
 
 
 def _random_case(seed: int, n: int = 60, c: int = 9, decimals: int | None = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -178,3 +183,15 @@ def test_ranked_average_precision_with_weights_equals_ap_of_repeated_items(seed)
     expected = average_precision_per_class(targets[repeated], scores[repeated])
     np.testing.assert_allclose(ranked_average_precision(ranking, weights), expected, equal_nan=True)
     np.testing.assert_allclose(ranked_average_precision(ranking), average_precision_per_class(targets, scores))
+
+
+def test_coles_map_counts_a_class_without_a_positive_as_zero() -> None:
+    rng = np.random.default_rng(3)
+    targets = (rng.random((40, 5)) < 0.3).astype(int)
+    targets[:, 2] = 0  # no positive: left out of ours, AP 0 in Cole et al.'s
+    scores = rng.random((40, 5))
+    per_class = [100 * average_precision_score(targets[:, k], scores[:, k]) for k in (0, 1, 3, 4)]
+    assert np.isclose(cole_mean_average_precision(targets, scores), sum(per_class) / 5)
+    assert np.isclose(mean_average_precision(targets, scores), sum(per_class) / 4)
+    targets[0, 2] = 1  # every class with a positive: the two agree
+    assert np.isclose(cole_mean_average_precision(targets, scores), mean_average_precision(targets, scores))

@@ -49,6 +49,7 @@ TABLES = [
     "spml_embedded_table",
     "spml_embedded_vs_an_table",
     "spml_embedded_pooled_table",
+    "spml_embedded_cole_map_table",
     "spml_published_table",
 ]
 
