@@ -162,7 +162,7 @@ def build_run(config: TrainConfig) -> RunParts:
     objective = build_objective(config, splits.train, scorer).to(device)
     # ---------------------------------------------------------------------------------------- optimisation
     groups = optimizer_groups(model, objective, optim, config.loss.estimator_lr_mult)
-    optimizer = torch.optim.Adam(groups, lr=optim.lr)
+    optimizer = torch.optim.Adam(groups, lr=optim.lr, fused=True)  # one kernel a step (CPU and CUDA, torch >= 2.4)
     batches = EpochBatches(len(splits.train), optim.batch_size, config.seed, dist_utils.rank(), dist_utils.world_size())
     augment = data.augment != "none"
     loader = train_loader(splits.train, batches, seed=config.seed, augment=augment, workers=data.workers, device=device)
