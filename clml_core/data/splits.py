@@ -1,13 +1,21 @@
 """Train / validation / test datasets of a run, with the missing-label protocol applied.
 
-Model selection uses the validation split only: for real datasets it is carved from train (seeded by
-``data.protocol_seed``); the embedded benchmark generates its own. Train and validation carry the observed labels
-(the protocol's output); test keeps its full labels.
+:func:`build_splits` reads top to bottom in three steps:
+
+1. **Sources**: the whole splits a run draws from. The embedded benchmark generates train, validation and test; a
+   real dataset reads its train and test split files (with ``data.packed_cache`` each from a packed cache that holds
+   the whole split).
+2. **Observed labels and carves**: the protocol (``data.protocol``, seeded by ``data.protocol_seed``) is drawn on
+   the whole training split; for a real dataset validation is then carved from it
+   (:func:`~clml_core.data.protocols.validation_split`), the benchmark draws on its own validation split under the
+   next seed. Model selection uses the validation split only. Train and validation carry the observed labels (the
+   protocol's output); test keeps its full labels.
+3. **Transforms**: the training augmentation, else a resize where the stored images are not at the run's size.
 
 A dataset without a usable test split (the 996-photo VOC2007 trainval sample) gets one carved from its training
-split with ``data.test_fraction > 0``: ``train_val_split`` on the *full* labels with ``data.split_seed`` (fixed across
-runs, so every run scores the same test images), which first gives every class with two or more positives one test
-image, then fills the quota uniformly. Validation is then carved from what remains, as above.
+split with ``data.test_fraction > 0`` (step 1, :func:`carve_test`): ``train_val_split`` on the *full* labels with
+``data.split_seed`` (fixed across runs, so every run scores the same test images), which first gives every class with
+two or more positives one test image, then fills the quota uniformly. Validation is then carved from what remains.
 
 Images are resized to ``data.image_size`` (0: the backbone's native input size) with the backbone's interpolation:
 the data pipeline asks the model's :func:`~clml_core.models.preprocessing_for`.
@@ -44,21 +52,92 @@ class Splits:
     test: MultiLabelDataset
 
 
-def _image_names(dataset: MultiLabelDataset) -> list[str]:
-    if dataset.image_paths is not None:
-        return [Path(p).name for p in dataset.image_paths]
-    return [f"{dataset.name or 'image'}_{i:06d}" for i in range(len(dataset))]
+def build_splits(data: DataConfig, preprocessing: Preprocessing, *, progress: bool = True) -> Splits:
+    """Datasets with the missing-label protocol applied to train and validation (test keeps its full labels).
+
+    Args:
+        data: the run's data configuration.
+        preprocessing: the backbone's (its native input size and interpolation).
+        progress: show progress bars while a dataset or cache is built.
+    """
+    size = image_size(data.image_size, preprocessing)
+    if data.dataset == "synthetic":
+        train, val, test = _synthetic_splits(data, size, progress)
+    else:
+        train, val, test = _real_splits(data, size, progress)
+    if data.limit_train:
+        train = train.subset(np.arange(min(data.limit_train, len(train))))
+    if data.val_labels == "full":
+        val = val.with_observed(val.labels)
+    augmentation = train_transform_for(data.augment, size, preprocessing)
+    plain = [_plain(part, size, preprocessing) for part in (train, val, test)]
+    transforms = [augmentation or plain[0], *plain[1:]]  # the augmentation resizes training images itself
+    parts = (part.with_transform(t) for part, t in zip((train, val, test), transforms))
+    if data.decode == "device":  # JPEG bytes to the device, decoded there a batch at a time (decode_batch)
+        parts = (p.with_encoded_items() if p.has_encoded_images and p.transform is None else p for p in parts)
+    return Splits(*parts)
+
+
+def _synthetic_splits(data: DataConfig, size: int, progress: bool) -> tuple[MultiLabelDataset, ...]:
+    """(train, val, test) of the embedded benchmark, the protocol drawn on its train and validation splits."""
+    side = data.synthetic_image_size or size  # generated at this side, resized to image_size
+    synthetic = SyntheticConfig(image_size=side, seed=data.synthetic_seed, **SYNTHETIC_SIZES[data.synthetic_size])
+    parts = load_synthetic(synthetic, progress=progress)
+    seeds = {"train": data.protocol_seed, "val": data.protocol_seed + 1}  # validation draws under the next seed
+    train, val = (apply_protocol(parts[split], data, seed) for split, seed in seeds.items())
+    return train, val, parts["test"]
+
+
+def _real_splits(data: DataConfig, size: int, progress: bool) -> tuple[MultiLabelDataset, ...]:
+    """(train, val, test) of a real dataset: the protocol drawn on the whole training split (what remains after a
+    test carve), then validation carved from it."""
+    full_train, test = _real_sources(data, size, progress)
+    seed = data.protocol_seed
+    observed = _draw(full_train, data, seed)
+    train_idx, val_idx = validation_split(len(full_train), data.protocol, data.val_fraction, seed, observed)
+    full_train = full_train.with_observed(observed)
+    return full_train.subset(train_idx), full_train.subset(val_idx), test
+
+
+def _real_sources(data: DataConfig, size: int, progress: bool) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+    """The whole (train, test) of a real dataset, as :func:`load_sources` gives them, each split file read from its
+    packed cache with ``data.packed_cache`` (a test carve then indexes the packed training split)."""
+    train_split, test_split = split_names(data)
+    names = [train_split] if data.test_fraction else [train_split, test_split]
+    sources = [load_real(data.dataset, data.root, name) for name in names]
+    if data.packed_cache:
+        sources = [packed(source, name, size, data, progress) for source, name in zip(sources, names)]
+    if data.test_fraction:
+        return carve_test(sources[0], data.test_fraction, data.split_seed)
+    return sources[0], sources[1]
+
+
+# ------------------------------------------------------------------------------------------ the protocol's draw
 
 
 def apply_protocol(dataset: MultiLabelDataset, data: DataConfig, seed: int) -> MultiLabelDataset:
     """``dataset`` with the observed labels of the missing-label protocol ``data.protocol``, drawn under ``seed``
     (:func:`clml_core.data.protocols.observed_labels`)."""
-    names = _image_names(dataset) if data.protocol == "file" else ()
-    observed = observed_labels(
-        dataset.labels, data.protocol, seed, fraction=data.fraction, observed_file=data.observed_file, image_names=names
-    )
+    observed = _draw(dataset, data, seed)
     return dataset.with_observed(observed)
 
+
+def _draw(dataset: MultiLabelDataset, data: DataConfig, seed: int) -> np.ndarray:
+    """(N, C) observed labels of ``dataset`` under the protocol ``data.protocol``, drawn under ``seed``."""
+    names = _image_names(dataset) if data.protocol == "file" else ()
+    return observed_labels(
+        dataset.labels, data.protocol, seed, fraction=data.fraction, observed_file=data.observed_file, image_names=names
+    )
+
+
+def _image_names(dataset: MultiLabelDataset) -> list[str]:
+    """The names a split file gives ``dataset``'s rows: the image file names, or ``<name>_<row>`` for an array."""
+    if dataset.image_paths is not None:
+        return [Path(p).name for p in dataset.image_paths]
+    return [f"{dataset.name or 'image'}_{i:06d}" for i in range(len(dataset))]
+
+
+# ---------------------------------------------------------------------------------- the real datasets' sources
 
 #: The train and test split each real dataset reads when ``data.train_split`` / ``data.test_split`` are empty.
 DEFAULT_SPLITS: dict[str, tuple[str, str]] = {
@@ -72,6 +151,23 @@ def split_names(data: DataConfig) -> tuple[str, str]:
     """The train and test split a real dataset reads: ``data.train_split`` / ``data.test_split`` or the defaults."""
     default_train, default_test = DEFAULT_SPLITS[data.dataset]
     return data.train_split or default_train, data.test_split or default_test
+
+
+def _load_voc2007(root: str, split: str) -> MultiLabelDataset:
+    return load_voc(root, "2007", split)
+
+
+#: The real datasets by config name (data.dataset): each loads split ``split`` under ``root``.
+REAL_DATASETS: dict[str, Callable[[str, str], MultiLabelDataset]] = {
+    "coco": load_coco,
+    "voc": _load_voc2007,
+    "nuswide": load_nuswide,
+}
+
+
+def load_real(dataset: str, root: str, split: str) -> MultiLabelDataset:
+    """Split ``split`` of the real dataset ``dataset`` (a key of :data:`REAL_DATASETS`) under ``root``."""
+    return REAL_DATASETS[dataset](root, split)
 
 
 def load_sources(data: DataConfig) -> tuple[MultiLabelDataset, MultiLabelDataset]:
@@ -93,36 +189,29 @@ def carve_test(source: MultiLabelDataset, fraction: float, seed: int) -> tuple[M
     return source.subset(rest), source.subset(test)
 
 
-def image_size(requested: int, preprocessing: Preprocessing) -> int:
-    """The side images are resized to: ``requested`` (config field data.image_size), or the backbone's native input
-    size when it is 0."""
-    return requested or preprocessing.input_size
+def cache_folder(cache_dir: str) -> Path:
+    """Where packed caches and feature stores live (config field data.cache_dir; "" = data/cache)."""
+    return Path(cache_dir) if cache_dir else DATA_DIR / "cache"
 
 
-def train_transform_for(augment: str, size: int, preprocessing: Preprocessing, *, to_float: bool = False):
-    """The training augmentation ``augment`` (config field data.augment) at side ``size`` (None: no augmentation)."""
-    if augment == "authors":
-        return train_transform(size, randaugment=True, cutout=True, to_float=to_float)
-    if augment == "crop_flip":
-        return crop_flip_transform(size, interpolation=preprocessing.interpolation, to_float=to_float)
-    return None
+def packed(dataset: MultiLabelDataset, split: str, size: int, data: DataConfig, progress: bool) -> MultiLabelDataset:
+    """``dataset`` (a whole source split) read from its packed cache, built once per split and image size (config
+    fields data.cache_dir, data.cache_format, data.cache_quality).
+
+    Protocols and the train / validation carve index rows of this one cache. Under DDP rank 0 builds it while
+    the other ranks wait at a barrier, then open it.
+    """
+    name = f"{Path(split).stem}-{size}px"
+    name += f"-q{data.cache_quality}.jpegs" if data.cache_format == "jpeg" else ".npy"
+    path = cache_folder(data.cache_dir) / data.dataset / name
+    with dist_utils.rank_zero_first():
+        cache = build_packed_cache(
+            dataset, size, path, fmt=data.cache_format, quality=data.cache_quality, progress=progress
+        )
+    return cache.dataset(dataset)
 
 
-def _load_voc2007(root: str, split: str) -> MultiLabelDataset:
-    return load_voc(root, "2007", split)
-
-
-#: The real datasets by config name (data.dataset): each loads split ``split`` under ``root``.
-REAL_DATASETS: dict[str, Callable[[str, str], MultiLabelDataset]] = {
-    "coco": load_coco,
-    "voc": _load_voc2007,
-    "nuswide": load_nuswide,
-}
-
-
-def load_real(dataset: str, root: str, split: str) -> MultiLabelDataset:
-    """Split ``split`` of the real dataset ``dataset`` (a key of :data:`REAL_DATASETS`) under ``root``."""
-    return REAL_DATASETS[dataset](root, split)
+# ------------------------------------------------------------------------------ one split alone, for evaluation
 
 
 def whole_split(data: DataConfig, preprocessing: Preprocessing, split: str) -> MultiLabelDataset:
@@ -155,83 +244,22 @@ def _eval_resized(dataset: MultiLabelDataset, data: DataConfig, preprocessing: P
     return dataset.with_transform(_plain(dataset, image_size(data.image_size, preprocessing), preprocessing))
 
 
-def cache_folder(cache_dir: str) -> Path:
-    """Where packed caches and feature stores live (config field data.cache_dir; "" = data/cache)."""
-    return Path(cache_dir) if cache_dir else DATA_DIR / "cache"
+# -------------------------------------------------------------------------------------------- sizes, transforms
 
 
-def packed(dataset: MultiLabelDataset, split: str, size: int, data: DataConfig, progress: bool) -> MultiLabelDataset:
-    """``dataset`` (a whole source split) read from its packed cache, built once per split and image size (config
-    fields data.cache_dir, data.cache_format, data.cache_quality).
-
-    Protocols and the train / validation carve index rows of this one cache. Under DDP rank 0 builds it while
-    the other ranks wait at a barrier, then open it.
-    """
-    name = f"{Path(split).stem}-{size}px"
-    name += f"-q{data.cache_quality}.jpegs" if data.cache_format == "jpeg" else ".npy"
-    path = cache_folder(data.cache_dir) / data.dataset / name
-    with dist_utils.rank_zero_first():
-        cache = build_packed_cache(
-            dataset, size, path, fmt=data.cache_format, quality=data.cache_quality, progress=progress
-        )
-    return cache.dataset(dataset)
+def image_size(requested: int, preprocessing: Preprocessing) -> int:
+    """The side images are resized to: ``requested`` (config field data.image_size), or the backbone's native input
+    size when it is 0."""
+    return requested or preprocessing.input_size
 
 
-def _observed_splits(data: DataConfig, size: int, progress: bool) -> tuple[MultiLabelDataset, ...]:
-    """(train, val, test) with the protocol applied to train and validation."""
-    if data.dataset == "synthetic":
-        side = data.synthetic_image_size or size  # generated at this side, resized to image_size
-        synthetic = SyntheticConfig(image_size=side, seed=data.synthetic_seed, **SYNTHETIC_SIZES[data.synthetic_size])
-        parts = load_synthetic(synthetic, progress=progress)
-        train = apply_protocol(parts["train"], data, data.protocol_seed)
-        return train, apply_protocol(parts["val"], data, data.protocol_seed + 1), parts["test"]
-    full_train, test = _real_sources(data, size, progress)
-    observed = apply_protocol(full_train, data, data.protocol_seed)
-    n, seed = len(observed), data.protocol_seed
-    train_idx, val_idx = validation_split(n, data.protocol, data.val_fraction, seed, observed.observed)
-    return observed.subset(train_idx), observed.subset(val_idx), test
-
-
-def _real_sources(data: DataConfig, size: int, progress: bool) -> tuple[MultiLabelDataset, MultiLabelDataset]:
-    """The whole (train, test) of a real dataset, read from packed caches with ``data.packed_cache``; with
-    ``data.test_fraction`` the test split is carved from the (packed) train split."""
-    train_split, test_split = split_names(data)
-    if data.test_fraction:
-        source = load_real(data.dataset, data.root, train_split)
-        source = packed(source, train_split, size, data, progress) if data.packed_cache else source
-        return carve_test(source, data.test_fraction, data.split_seed)
-    full_train, test = load_sources(data)
-    if data.packed_cache:
-        full_train = packed(full_train, train_split, size, data, progress)
-        test = packed(test, test_split, size, data, progress)
-    return full_train, test
-
-
-def build_splits(data: DataConfig, preprocessing: Preprocessing, *, progress: bool = True) -> Splits:
-    """Datasets with the missing-label protocol applied to train and validation (test keeps its full labels).
-
-    Args:
-        data: the run's data configuration.
-        preprocessing: the backbone's (its native input size and interpolation).
-        progress: show progress bars while a dataset or cache is built.
-    """
-    size = image_size(data.image_size, preprocessing)
-    train, val, test = _observed_splits(data, size, progress)
-    if data.limit_train:
-        train = train.subset(np.arange(min(data.limit_train, len(train))))
-    if data.val_labels == "full":
-        val = val.with_observed(val.labels)
-    augmentation = train_transform_for(data.augment, size, preprocessing)
-    transforms = [augmentation or _plain(train, size, preprocessing)]
-    transforms += [_plain(part, size, preprocessing) for part in (val, test)]
-    train, val, test = (part.with_transform(t) for part, t in zip((train, val, test), transforms))
-    splits = Splits(train=train, val=val, test=test)
-    if data.decode == "device":  # JPEG bytes to the device, decoded there a batch at a time (decode_batch)
-        for name in ("train", "val", "test"):
-            part = getattr(splits, name)
-            if part.has_encoded_images and part.transform is None:
-                setattr(splits, name, part.with_encoded_items())
-    return splits
+def train_transform_for(augment: str, size: int, preprocessing: Preprocessing, *, to_float: bool = False):
+    """The training augmentation ``augment`` (config field data.augment) at side ``size`` (None: no augmentation)."""
+    if augment == "authors":
+        return train_transform(size, randaugment=True, cutout=True, to_float=to_float)
+    if augment == "crop_flip":
+        return crop_flip_transform(size, interpolation=preprocessing.interpolation, to_float=to_float)
+    return None
 
 
 def _plain(dataset: MultiLabelDataset, size: int, preprocessing: Preprocessing):
