@@ -37,7 +37,7 @@ from clml_core.data.dataset import MultiLabelDataset
 from clml_core.data.nuswide import load_nuswide
 from clml_core.data.protocols import observed_labels, train_val_split, validation_split
 from clml_core.data.synthetic import SyntheticConfig, load_synthetic
-from clml_core.data.transforms import crop_flip_transform, eval_transform, train_transform
+from clml_core.data.transforms import eval_transform, train_transform_for
 from clml_core.data.voc import load_voc
 from clml_core.models import Preprocessing
 from clml_core.paths import DATA_DIR
@@ -69,8 +69,8 @@ def build_splits(data: DataConfig, preprocessing: Preprocessing, *, progress: bo
         train = train.subset(np.arange(min(data.limit_train, len(train))))
     if data.val_labels == "full":
         val = val.with_observed(val.labels)
-    augmentation = train_transform_for(data.augment, size, preprocessing)
     plain = [_plain(part, size, preprocessing) for part in (train, val, test)]
+    augmentation = train_transform_for(data.augment, size, preprocessing)
     transforms = [augmentation or plain[0], *plain[1:]]  # the augmentation resizes training images itself
     parts = (part.with_transform(t) for part, t in zip((train, val, test), transforms))
     if data.decode == "device":  # JPEG bytes to the device, decoded there a batch at a time (decode_batch)
@@ -251,15 +251,6 @@ def image_size(requested: int, preprocessing: Preprocessing) -> int:
     """The side images are resized to: ``requested`` (config field data.image_size), or the backbone's native input
     size when it is 0."""
     return requested or preprocessing.input_size
-
-
-def train_transform_for(augment: str, size: int, preprocessing: Preprocessing, *, to_float: bool = False):
-    """The training augmentation ``augment`` (config field data.augment) at side ``size`` (None: no augmentation)."""
-    if augment == "authors":
-        return train_transform(size, randaugment=True, cutout=True, to_float=to_float)
-    if augment == "crop_flip":
-        return crop_flip_transform(size, interpolation=preprocessing.interpolation, to_float=to_float)
-    return None
 
 
 def _plain(dataset: MultiLabelDataset, size: int, preprocessing: Preprocessing):

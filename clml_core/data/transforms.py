@@ -11,7 +11,8 @@ RandAugment is torchvision's (2 ops, magnitude 9), which is what ``RandAugment()
 ASL repository imports a third-party RandAugment whose op list and magnitudes differ slightly. Like the
 authors, we do not normalise by default; ``normalize=True`` adds the ImageNet mean/std. Training and evaluation
 normalise on the device instead, with the backbone's own mean and std (``clml_core.devices.to_input`` asks the
-model's :class:`~clml_core.models.Preprocessing`).
+model's :class:`~clml_core.models.Preprocessing`). :func:`train_transform_for` picks a run's training
+augmentation by its config name (data.augment): ``authors`` (the pipeline above) or ``crop_flip``.
 
 Randomness comes from torch's global generator only (``torch.rand``/``torch.randint`` inside every random
 step), so ``torch.manual_seed(s)`` before a call repeats it exactly. In a DataLoader each worker process
@@ -24,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torchvision.transforms import v2
+
+from clml_core.models import Preprocessing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -161,3 +164,13 @@ def crop_flip_transform(
         raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
     crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=_interpolation(interpolation))
     return v2.Compose([crop, v2.RandomHorizontalFlip(), *_to_float(False, to_float)])
+
+
+def train_transform_for(augment: str, size: int, preprocessing: Preprocessing, *, to_float: bool = False):
+    """The training augmentation ``augment`` (config field data.augment) at side ``size`` (None: no augmentation);
+    crop_flip resizes with the backbone's interpolation."""
+    if augment == "authors":
+        return train_transform(size, randaugment=True, cutout=True, to_float=to_float)
+    if augment == "crop_flip":
+        return crop_flip_transform(size, interpolation=preprocessing.interpolation, to_float=to_float)
+    return None
