@@ -83,8 +83,8 @@ def _synthetic_splits(data: DataConfig, size: int, progress: bool) -> tuple[Mult
     side = data.synthetic_image_size or size  # generated at this side, resized to image_size
     synthetic = SyntheticConfig(image_size=side, seed=data.synthetic_seed, **SYNTHETIC_SIZES[data.synthetic_size])
     parts = load_synthetic(synthetic, progress=progress)
-    seeds = {"train": data.protocol_seed, "val": data.protocol_seed + 1}  # validation draws under the next seed
-    train, val = (apply_protocol(parts[split], data, seed) for split, seed in seeds.items())
+    train = apply_protocol(parts["train"], data, data.protocol_seed)
+    val = apply_protocol(parts["val"], data, data.protocol_seed + 1)  # validation draws under the next seed
     return train, val, parts["test"]
 
 
