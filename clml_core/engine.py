@@ -1,24 +1,18 @@
 """The training engine, shared by the notebooks and the command line (:mod:`clml_core.train`).
 
-:func:`train` trains one run into one folder (its layout: :mod:`clml_core.runfolder`): it checks the folder, builds
-the run's parts (:func:`clml_core.build.build_run`), continues from the newest checkpoint and hands the parts to a
-:class:`Trainer`, which runs the epochs, selects weights and scores the test split once. Every file is written
-atomically. Model selection uses the validation split only (carved from train, scored with the labels that training
-can see unless ``data.val_labels=full``); the test split is scored once, with the selected weights.
-
-A folder has one owner and one configuration: the training process holds ``train.lock`` (see
-:mod:`clml_core.runlock`); a resumed run trains with the folder's own ``config.yaml``, and a configuration that
-differs from it is refused before any file is written.
+:func:`train` trains one run into one folder (its layout: :mod:`clml_core.runfolder`; one owner, holding
+``train.lock``, and one configuration: a resumed run trains with the folder's own ``config.yaml``, and another is
+refused before any file is written). It builds the run's parts (:func:`clml_core.build.build_run`), continues from
+the newest checkpoint and hands the parts to a :class:`Trainer`, which runs the epochs, selects weights on the
+validation split only (scored with the labels training can see unless ``data.val_labels=full``) and scores the test
+split once, with the selected weights. Every file is written atomically.
 
 Resuming: the data order and every augmentation are functions of (seed, epoch, index) (:mod:`clml_core.loaders`),
 and a checkpoint holds the model, optimiser, schedule, EMA, loss scaler, the objective's state, the epoch's running
 sums and the random states, so a resumed run, even one killed mid-epoch, ends with the same result as an
 uninterrupted one. The objective's epoch-start hook runs at step 0 of an epoch only, and early stopping
-(``optim.early_stop``) is a rule on the metrics rows a checkpoint holds, so both resume too.
-
-Every checkpoint (``best.pt`` too) carries a ``model_spec``, so ``python -m clml_core.evaluate RUN_DIR ...``
-rebuilds the model from the run folder alone. The three training modes (``model.train_mode``) differ only in the
-parts :func:`~clml_core.build.build_run` makes.
+(``optim.early_stop``) is a rule on the metrics rows a checkpoint holds, so both resume too. Every checkpoint
+(``best.pt`` too) carries a ``model_spec``: ``python -m clml_core.evaluate RUN_DIR`` rebuilds the model from it.
 
 Stopping: see :mod:`clml_core.stopping` (SIGTERM or SIGINT checkpoint after the current step and raise
 :class:`RunInterrupted`; the command line exits with :data:`EXIT_INTERRUPTED`).
@@ -26,10 +20,12 @@ Stopping: see :mod:`clml_core.stopping` (SIGTERM or SIGINT checkpoint after the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -389,9 +385,18 @@ def train(
         clml_core.runio.DiskFullError: the disk filled up; every file already saved is intact.
     """
     out = Path(out_dir)
-    if not dist_utils.is_main_process():  # rank 0 checks and owns the folder; the others train with the same config
-        config = runfolder.config_to_train(out, config, resume) if config is None else config
+    with _owned(out, config, resume) as config:
         return _train_locked(config, out, max_steps)
+
+
+@contextlib.contextmanager
+def _owned(out: Path, config: TrainConfig | None, resume: bool) -> Iterator[TrainConfig]:
+    """The configuration to train ``out`` with, while this process owns the folder: rank 0 checks the folder (before
+    it or its lock is touched, and again under the lock) and holds its lock; the other ranks train with the same
+    configuration. A refused or failed start leaves no empty folder behind."""
+    if not dist_utils.is_main_process():
+        yield runfolder.config_to_train(out, config, resume) if config is None else config
+        return
     created = not out.exists()
     runfolder.config_to_train(out, config, resume)  # refuse early, before the folder or its lock is touched
     out.mkdir(parents=True, exist_ok=True)
@@ -404,14 +409,13 @@ def train(
     try:
         if lock.stale_owner:
             print(f"clml: {lock.describe_stale()}", file=sys.stderr, flush=True)
-        # Again, now that no other process can change the folder.
-        config = runfolder.config_to_train(out, config, resume)
+        config = runfolder.config_to_train(out, config, resume)  # again, now that no other process can change it
         runfolder.remove_partial_writes(out)
-        return _train_locked(config, out, max_steps)
+        yield config
     finally:
         lock.release()
         if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a refused or failed start leaves no empty folder behind
+            out.rmdir()
 
 
 def _train_locked(config: TrainConfig, out: Path, max_steps: int | None) -> runfolder.Results:
