@@ -52,7 +52,12 @@ class DataConfig:
     val_fraction: float = 0.1  # validation split carved from train
     val_labels: Literal["observed", "full"] = "observed"  # which labels validation mAP uses for model selection
     augment: Literal["none", "authors", "crop_flip"] = "none"  # authors: RandAugment + Cutout (the authors' recipe)
-    feature_views: int = 0  # model.train_mode=frozen: augmented views of each training image in the feature store
+    # model.train_mode=frozen: augmented views of each training image in the feature store; partial: in the trunk
+    # store (model.trunk_cache), recomputed from the image files at every step with model.trunk_cache=false
+    feature_views: int = 0
+    # the stored views are drawn under the run seed (a store per seed) instead of one pool (seed 0) that every seed
+    # draws its own sequence of views from
+    views_per_seed: bool = False
     packed_cache: bool = False  # decode real images once per split into a memory-mapped cache at image_size
     cache_format: Literal["raw", "jpeg"] = "raw"  # raw: uint8 pixels, 3*S*S bytes an image; jpeg: about a tenth
     cache_quality: int = 90  # JPEG quality of a jpeg cache
@@ -137,6 +142,10 @@ class ModelConfig:
     # runs once per image (and augmented view) into a feature store; only the projection head and classifier train
     train_mode: Literal["end_to_end", "partial", "frozen"] = "end_to_end"
     trainable_stages: int = 0  # train_mode=partial: backbone stages that train, counted from the output side
+    # train_mode=partial: the frozen stages' output is computed once per image and view and stored, and the trainable
+    # stages train from it. Applies with given weights, image files and data.augment=none or data.feature_views > 0
+    # (clml_core.build.uses_trunk_cache); false runs the frozen stages at every step
+    trunk_cache: bool = True
     channels_last: bool = False
     compile: bool = False
 
@@ -353,6 +362,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "clml": {"enabled": True},
         "optim": {"epochs": 3, "batch_size": 32, "lr": 3e-4, "weight_decay": 1e-4},
+    },
+    # CLML where the paper puts it, on real photos at CPU speed: the VOC2007 sample and splits of `real`, ImageNet
+    # EfficientNet-Lite0 with its last block stage and head convolution trainable (trainable_stages=2) from the stored
+    # output of the frozen stages (model.trunk_cache), CLML and the classifier on the 1280-d pooled features (no
+    # projection head), 8 stored crop_flip views per image in one pool every seed draws its own sequence from.
+    "real_finetune": {
+        "name": "real_finetune",
+        "data": {
+            "dataset": "voc",
+            "image_size": 0,
+            "test_fraction": 0.3,
+            "val_fraction": 0.15,
+            "protocol": "single_positive",
+            "augment": "crop_flip",
+            "feature_views": 8,
+        },
+        "model": {
+            "arch": "efficientnet_lite0",
+            "weights": "imagenet",
+            "train_mode": "partial",
+            "trainable_stages": 2,
+            "trunk_cache": True,
+            "proj_dim": None,
+            "channels_last": True,
+        },
+        "clml": {"enabled": True},
+        "optim": {"epochs": 8, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4},
     },
     # The authors' recipe: ResNet101 at 448 px, Adam 1e-4, OneCycle, weight decay 1e-4 off bias and norm layers,
     # EMA 0.9997, RandAugment + Cutout, a global batch of 64 (split over DDP ranks), 80 epochs, fp16 AMP. Needs a GPU
@@ -617,10 +653,12 @@ def validate_config(config: TrainConfig, source: str = "") -> None:
 def _check_across_sections(config: TrainConfig) -> None:
     """The data settings that depend on the model's training mode."""
     data, model = config.data, config.model
-    if data.feature_views and model.train_mode != "frozen":
-        _fail("data.feature_views", "only used with model.train_mode=frozen")
+    if data.feature_views and model.train_mode not in ("frozen", "partial"):
+        _fail("data.feature_views", "only used with model.train_mode=frozen or partial")
     if data.feature_views and data.augment == "none":
         _fail("data.feature_views", "the views are augmented; set data.augment")
+    if data.views_per_seed and not data.feature_views:
+        _fail("data.views_per_seed", "seeds the stored views; set data.feature_views")
     if model.train_mode == "frozen" and data.dataset == "synthetic":
         _fail("model.train_mode", "frozen needs a dataset of image files, not synthetic")
 
