@@ -5,6 +5,8 @@ tiny VOC layout of real files with an EfficientNet-Lite0 whose (random) weights 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -343,3 +345,21 @@ def test_the_store_leaves_the_random_state_alone(stores) -> None:
     torch.manual_seed(11)
     input_splits(fresh, splits, model, CPU)  # finds
     assert torch.equal(torch.rand(3), after_build)
+
+
+def test_trunk_rows_travel_to_loader_workers_without_their_maps(stores) -> None:
+    _, _, _, cached, _ = stores
+    item = cached.train.seeded_item(3, 17)
+    copy = pickle.loads(pickle.dumps(cached.train))
+    assert copy._maps == {} and torch.equal(copy.seeded_item(3, 17)[0], item[0])
+
+
+def test_the_benchmark_script_prints_its_table() -> None:
+    command = [sys.executable, "-W", "ignore::DeprecationWarning", "benchmarks/bench_trunk_cache.py", "--tiny"]
+    done = subprocess.run(
+        [*command, "--rounds", "1", "--threads", "1"], cwd=PROJ_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^\| 0 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", done.stdout, flags=re.M), done.stdout
+    assert re.search(r"^1 rounds: epoch time ratio median [\d.]+x", done.stdout, flags=re.M)
+    assert "1 threads" in done.stdout and "load average" in done.stdout
