@@ -586,6 +586,11 @@ def trunk_splits(
     for name, dataset in parts.items():
         if dataset.image_paths is None:
             raise ValueError(f"model.trunk_cache: the {name} split has no image files to compute the trunk of")
+    if model.frozen_stages == 0:
+        raise ValueError(
+            "config fields 'model.trunk_cache' and 'model.trainable_stages' contradict: every backbone stage trains, "
+            "so there is no frozen trunk to store; set model.trunk_cache=false or train fewer stages"
+        )
     options = {"device": device, "workers": workers, "channels_last": channels_last, "progress": progress}
     base = {"image_size": size}
     everything = sorted({path for dataset in parts.values() for path in dataset.image_paths})

@@ -258,6 +258,14 @@ def test_the_trunk_cache_applies_where_views_can_be_stored(voc_root, weights, ov
     assert uses_trunk_cache(config) is applies
 
 
+def test_a_trunk_cache_without_a_frozen_stage_is_refused(stores) -> None:
+    config, splits, _, _, _ = stores
+    everything = apply_updates(config, {"model": {"trainable_stages": 9}})
+    model = build_network(everything.model, 20, CPU)
+    with pytest.raises(ValueError, match="no frozen trunk to store; set model.trunk_cache=false"):
+        input_splits(everything, splits, model, CPU)
+
+
 def test_the_real_finetune_preset_trains_from_the_stored_trunk() -> None:
     config = resolve_config("real_finetune", overrides={"data": {"root": "/nowhere"}})
     assert uses_trunk_cache(config) and config.model.proj_dim is None and config.data.feature_views > 0
