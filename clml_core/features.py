@@ -583,14 +583,7 @@ def trunk_splits(
         (c, h, w) shape of one view's activations.
     """
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
-    for name, dataset in parts.items():
-        if dataset.image_paths is None:
-            raise ValueError(f"model.trunk_cache: the {name} split has no image files to compute the trunk of")
-    if model.frozen_stages == 0:
-        raise ValueError(
-            "config fields 'model.trunk_cache' and 'model.trainable_stages' contradict: every backbone stage trains, "
-            "so there is no frozen trunk to store; set model.trunk_cache=false or train fewer stages"
-        )
+    _check_trunk_inputs(parts, model)
     options = {"device": device, "workers": workers, "channels_last": channels_last, "progress": progress}
     base = {"image_size": size}
     everything = sorted({path for dataset in parts.values() for path in dataset.image_paths})
@@ -616,3 +609,15 @@ def _store_rows(dataset: MultiLabelDataset, order: list[Path], path: Path) -> St
     """The rows of ``dataset``'s images in the store ``path`` whose rows are the images of ``order``."""
     row = {p: i for i, p in enumerate(order)}
     return StoreRows(path, np.array([row[p] for p in dataset.image_paths], dtype=np.int64))
+
+
+def _check_trunk_inputs(parts: dict[str, MultiLabelDataset], model: MultiLabelNet) -> None:
+    """Raise ValueError unless every split has image files and the model has a frozen trunk."""
+    for name, dataset in parts.items():
+        if dataset.image_paths is None:
+            raise ValueError(f"model.trunk_cache: the {name} split has no image files to compute the trunk of")
+    if model.frozen_stages == 0:
+        raise ValueError(
+            "config fields 'model.trunk_cache' and 'model.trainable_stages' contradict: every backbone stage trains, "
+            "so there is no frozen trunk to store; set model.trunk_cache=false or train fewer stages"
+        )
