@@ -6,8 +6,9 @@ in a fixed order, since the model's initialisation draws from the random state t
 
 1. device and seeds;
 2. data: the splits with the missing-label protocol (:mod:`clml_core.data.splits`);
-3. model: the network, frozen as ``model.train_mode`` says, the feature store in the frozen mode
-   (:mod:`clml_core.features`), its ``model_spec``, and the module a batch goes through (DDP, compile);
+3. model: the network, frozen as ``model.train_mode`` says, the feature store in the frozen mode and the trunk
+   store in the partial mode (:func:`input_splits`, :mod:`clml_core.features`), its ``model_spec``, and the module a
+   batch goes through (DDP, compile);
 4. objective: the base loss (or a stateful method, which reads the training split), the CLML term and the
    correction schedule (:mod:`clml_core.objective`); it draws nothing from the global random state;
 5. optimisation: Adam over the model's parameter groups and the objective's parameters (ROLE's label estimate),
@@ -15,10 +16,11 @@ in a fixed order, since the model's initialisation draws from the random state t
 
 Three training modes (``model.train_mode``), one engine: ``end_to_end`` trains every weight (the paper); ``partial``
 trains the last ``model.trainable_stages`` backbone stages and keeps the rest frozen (weights and BatchNorm
-statistics); ``frozen`` runs the backbone once per image and augmented view into a feature store
-(:mod:`clml_core.features`) and trains the projection head and the classifier on the cached features. In the frozen
-mode with given weights the checkpoints leave the unchanged backbone out and the ``model_spec`` says where its
-weights come from.
+statistics), with given weights from the frozen stages' output stored once per image and view
+(``model.trunk_cache``, :func:`uses_trunk_cache`); ``frozen`` runs the backbone once per image and augmented view
+into a feature store (:mod:`clml_core.features`) and trains the projection head and the classifier on the cached
+features. In the frozen mode with given weights the checkpoints leave the unchanged backbone out and the
+``model_spec`` says where its weights come from.
 """
 
 from __future__ import annotations
@@ -31,15 +33,16 @@ from torch import nn
 
 from clml_core import distributed as dist_utils
 from clml_core.config import ModelConfig, OptimConfig, TrainConfig
-from clml_core.data.splits import Splits, build_splits, cache_folder, image_size
+from clml_core.data.dataset import MultiLabelDataset
+from clml_core.data.splits import Splits, build_splits, cache_folder, image_size, train_transform_for
 from clml_core.devices import select_device
 from clml_core.evaluate import model_spec
-from clml_core.features import feature_splits
+from clml_core.features import ViewImages, feature_splits, trunk_splits, view_seed
 from clml_core.loaders import EpochBatches, eval_loader, train_loader
 from clml_core.losses import CLMLLoss, make_base_loss
 from clml_core.losses.authors import AuthorsCLMLLoss
 from clml_core.losses.stateful import STATEFUL_LOSSES, MethodContext, make_stateful_loss
-from clml_core.models import FeatureHead, MultiLabelNet, build_model, param_groups, preprocessing_for
+from clml_core.models import FeatureHead, MultiLabelNet, TrunkHead, build_model, param_groups, preprocessing_for
 from clml_core.objective import BaseLossInputs, CorrectionSchedule, TrainingObjective, TrainScorer
 from clml_core.train_state import DeviceEMA, seed_everything
 
@@ -100,6 +103,8 @@ class RunParts:
         model: the network (its weights are what checkpoints keep).
         net: what a training batch goes through: the model, its head alone on cached features, DDP, compiled.
         frozen: the backbone is frozen and its features cached (batches are features, not images).
+        trunk_shape: (c, h, w) of the stored trunk output when the partial mode trains from it (batches are
+            flattened activations), else None.
         spec: the ``model_spec`` that rebuilds the model (see :func:`clml_core.evaluate.model_spec`).
         loader, val_loader: the seeded training batches and the validation batches in row order.
         optimizer, scheduler, ema, scaler: Adam, its schedule (stepped every step), the EMA (or None), the scaler.
@@ -121,6 +126,7 @@ class RunParts:
     scaler: torch.amp.GradScaler
     objective: TrainingObjective
     settings: LoopSettings
+    trunk_shape: tuple[int, int, int] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -128,8 +134,20 @@ class RunParts:
 
     def runnable(self, model: MultiLabelNet) -> nn.Module:
         """What a batch of this run goes through for ``model`` (the model, or its EMA copy): its head alone on
-        cached features in the frozen mode."""
-        return FeatureHead(model) if self.frozen else model
+        cached features in the frozen mode, its trainable stages and head on the stored trunk output."""
+        return runnable_for(model, self.frozen, self.trunk_shape, self.settings.channels_last)
+
+
+def runnable_for(
+    model: MultiLabelNet, frozen: bool, trunk_shape: tuple[int, int, int] | None, channels_last: bool
+) -> nn.Module:
+    """What a batch goes through for ``model``: :class:`FeatureHead` on cached features (``frozen``),
+    :class:`TrunkHead` on stored trunk activations of ``trunk_shape`` (c, h, w), else the model on images."""
+    if frozen:
+        return FeatureHead(model)
+    if trunk_shape is not None:
+        return TrunkHead(model, trunk_shape, channels_last)
+    return model
 
 
 def build_run(config: TrainConfig) -> RunParts:
@@ -146,18 +164,12 @@ def build_run(config: TrainConfig) -> RunParts:
     data, frozen = config.data, config.model.train_mode == "frozen"
     size = image_size(data.image_size, preprocessing)
     model = build_network(config.model, splits.train.num_classes, device)
-    if frozen:
-        folder = cache_folder(data.cache_dir) / "features"
-        splits = feature_splits(
-            splits, model, size=size, augment=data.augment, views=data.feature_views, folder=folder,
-            workers=data.workers, progress=config.progress, device=device,
-        )  # fmt: skip
-    spec = model_spec(model, config.model, splits.train.classes, size)
-    net = _trainable(FeatureHead(model) if frozen else model, device, config.model.compile)
+    splits, trunk = input_splits(config, splits, model, device)
+    spec = model_spec(model, config.model, splits.train.classes, size, trunk_cache=trunk is not None)
+    net = _trainable(runnable_for(model, frozen, trunk, config.model.channels_last), device, config.model.compile)
     # ------------------------------------------------------------------------------------------- objective
     optim = config.optim
-    # The training images as evaluation sees them: view 0 of the feature store, or the validation transform.
-    scored = splits.train if frozen else splits.train.with_transform(splits.val.transform)
+    scored = _as_evaluated(splits)
     scorer = TrainScorer(scored, optim.batch_size, data.workers, device, optim.amp, config.model.channels_last)
     objective = build_objective(config, splits.train, scorer).to(device)
     # ---------------------------------------------------------------------------------------- optimisation
@@ -175,8 +187,57 @@ def build_run(config: TrainConfig) -> RunParts:
     return RunParts(
         device=device, splits=splits, model=model, net=net, frozen=frozen, spec=spec, loader=loader,
         val_loader=val_loader, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler,
-        objective=objective, settings=loop_settings(config),
+        objective=objective, settings=loop_settings(config), trunk_shape=trunk,
     )  # fmt: skip
+
+
+def _as_evaluated(splits: Splits) -> Any:
+    """The training images as evaluation sees them: view 0 of a feature or trunk store (a stored split's item), or
+    the image files under the validation transform."""
+    train = splits.train.source if isinstance(splits.train, ViewImages) else splits.train
+    return train.with_transform(splits.val.transform) if isinstance(train, MultiLabelDataset) else train
+
+
+def uses_trunk_cache(config: TrainConfig) -> bool:
+    """Whether a run trains the partial mode from the stored trunk output (config field model.trunk_cache, where it
+    applies): given weights (a random trunk would be a store per seed), image files (a real dataset), and views that
+    can be stored (data.augment=none, or data.feature_views > 0 augmented views; augmentation drawn afresh every
+    epoch cannot be)."""
+    model, data = config.model, config.data
+    storable = data.augment == "none" or data.feature_views > 0
+    applies = model.weights is not None and data.dataset != "synthetic" and storable
+    return model.train_mode == "partial" and model.trunk_cache and applies
+
+
+def input_splits(
+    config: TrainConfig, splits: Splits, model: MultiLabelNet, device: torch.device
+) -> tuple[Splits, tuple[int, int, int] | None]:
+    """The splits a run's batches come from, and the (c, h, w) trunk shape when they are stored trunk activations.
+
+    frozen: the feature store's rows (:func:`clml_core.features.feature_splits`); partial with the trunk cache
+    (:func:`uses_trunk_cache`): the trunk stores' rows (:func:`clml_core.features.trunk_splits`); partial without it
+    but with ``data.feature_views``: the same stored views drawn from the image files at every step
+    (:class:`clml_core.features.ViewImages`); otherwise the image splits. A store is built here if missing, under a
+    forked random state, so a run draws the same numbers whether it finds its store or builds it.
+    """
+    data = config.data
+    size = image_size(data.image_size, model.preprocessing)
+    seed = view_seed(config.seed, data.views_per_seed)
+    folder = cache_folder(data.cache_dir)
+    options = {"size": size, "augment": data.augment, "views": data.feature_views, "seed": seed}
+    options.update(workers=data.workers, progress=config.progress, device=device)
+    with torch.random.fork_rng(devices=[]):
+        if config.model.train_mode == "frozen":
+            return feature_splits(splits, model, folder=folder / "features", **options), None
+        if uses_trunk_cache(config):
+            return trunk_splits(
+                splits, model, folder=folder / "trunk", channels_last=config.model.channels_last, **options
+            )
+    if config.model.train_mode == "partial" and data.feature_views:
+        transform = train_transform_for(data.augment, size, model.preprocessing, to_float=True)
+        views = ViewImages(splits.train, transform, data.feature_views, seed)
+        return Splits(train=views, val=splits.val, test=splits.test), None
+    return splits, None
 
 
 def build_network(model: ModelConfig, num_classes: int, device: torch.device) -> MultiLabelNet:

@@ -132,12 +132,17 @@ def score(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> dic
     }
 
 
-def model_spec(model: MultiLabelNet, spec: ModelConfig, classes: Sequence[str], image_size: int) -> dict[str, Any]:
+def model_spec(
+    model: MultiLabelNet, spec: ModelConfig, classes: Sequence[str], image_size: int, *, trunk_cache: bool = False
+) -> dict[str, Any]:
     """What rebuilds a run's model, as plain values (a checkpoint entry, loadable with ``weights_only=True``).
 
     ``backbone_in_checkpoint`` is False for the frozen-features mode with given weights: the checkpoint then holds
     the head and the classifier only, and the backbone comes from ``weights`` again (a random backbone, weights
-    None, cannot be rebuilt that way and stays in the checkpoint).
+    None, cannot be rebuilt that way and stays in the checkpoint). In the partial mode the checkpoint holds the
+    whole network, the frozen stages (the first ``len(stages) - trainable_stages``) as ``weights`` gave them;
+    ``trunk_cache`` says whether the run trained from their stored output (``clml_core.build.uses_trunk_cache``).
+    Images through the rebuilt model compute what the run computed either way.
     """
     return {
         "arch": spec.arch,
@@ -154,6 +159,8 @@ def model_spec(model: MultiLabelNet, spec: ModelConfig, classes: Sequence[str], 
         "preprocessing": model.preprocessing.as_dict(),
         "image_size": int(image_size),
         "train_mode": spec.train_mode,
+        "trainable_stages": spec.trainable_stages,
+        "trunk_cache": trunk_cache,
         "backbone_in_checkpoint": spec.train_mode != "frozen" or spec.weights is None,
     }
 

@@ -21,7 +21,9 @@ pooling (:class:`BoostLUClassifier`); the embeddings stay the pooled features (o
 
 A backbone carries its preprocessing (:class:`Preprocessing`: mean, std, native input size), and the data pipeline
 asks the model for it. A backbone is also a sequence of stages (:func:`backbone_stages`), so partial fine-tuning
-freezes the first ones (:meth:`MultiLabelNet.freeze_backbone`).
+freezes the first ones (:meth:`MultiLabelNet.freeze_backbone`). The frozen stages are the *trunk*: their output
+(:meth:`MultiLabelNet.forward_trunk`) can be computed once per image and stored, and :class:`TrunkHead` trains the
+rest of the network from it (:mod:`clml_core.features`).
 """
 
 from __future__ import annotations
@@ -330,6 +332,22 @@ class MultiLabelNet(nn.Module):
         embeddings = features if self.head is None else self.head(features)
         return ModelOutput(logits=self.classifier(feature_map), embeddings=embeddings)
 
+    def forward_trunk(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) images -> (B, c, h, w) the output of the frozen stages (:meth:`freeze_backbone`): the
+        activations entering the first trainable stage; the images themselves when no stage is frozen."""
+        for stage in backbone_stages(self.backbone)[: self.frozen_stages]:
+            x = stage(x)
+        return x
+
+    def forward_top(self, x: Tensor) -> Tensor:
+        """(B, c, h, w) trunk output -> (B, num_features) pooled features: the trainable stages, then the pooling.
+
+        ``forward_top(forward_trunk(x))`` equals ``forward_features(x)``.
+        """
+        for stage in backbone_stages(self.backbone)[self.frozen_stages :]:
+            x = stage(x)
+        return backbone_pool(self.backbone, x)
+
     def freeze_backbone(self, trainable_stages: int | None) -> None:
         """Freeze the backbone but its last ``trainable_stages`` stages (None: train everything, 0: train none).
 
@@ -372,25 +390,68 @@ class FeatureHead(nn.Module):
         return self.net.forward_head(features)
 
 
+class TrunkHead(nn.Module):
+    """A :class:`MultiLabelNet` fed with its trunk's stored output instead of images (the cached-trunk mode).
+
+    The activations come flattened, (B, c * h * w), as cached inputs do (:func:`clml_core.devices.to_input` moves
+    2-D batches and treats 4-D ones as images to normalise); ``TrunkHead(net, (c, h, w))(a.flatten(1))`` equals
+    ``net(images)`` when ``a = net.forward_trunk(images)``. The trainable stages run in ``net``'s mode (BatchNorm in
+    training mode while training), the frozen ones never run.
+
+    Args:
+        net: the network, its trunk frozen (:meth:`MultiLabelNet.freeze_backbone`).
+        shape: (c, h, w) of one image's trunk output.
+        channels_last: hand the trainable stages channels-last activations (config field model.channels_last).
+    """
+
+    def __init__(self, net: MultiLabelNet, shape: Sequence[int], channels_last: bool = False) -> None:
+        super().__init__()
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"TrunkHead: shape must be (c, h, w) of positive sizes, got {tuple(shape)}")
+        self.net, self.shape, self.channels_last = net, tuple(int(n) for n in shape), channels_last
+
+    def forward(self, activations: Tensor) -> ModelOutput:
+        """(B, c * h * w) -> logits (B, C), embeddings (B, embed_dim)."""
+        x = activations.view(-1, *self.shape)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net.forward_head(self.net.forward_top(x))
+
+
 def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
     """The backbone as an ordered list of stages, input side first (what partial fine-tuning freezes by).
 
-    ResNet: stem (conv1, bn1), layer1..layer4 (5 stages). EfficientNet (timm): stem (conv_stem, bn1), the 7 block
-    stages, head (conv_head, bn2) (9 stages). SmallCNN: one stage per conv-BN-ReLU.
+    Each stage is a module that maps the previous stage's output to its own, and :func:`backbone_pool` maps the
+    last stage's output to the pooled features, so running them in turn is the backbone's forward.
+
+    ResNet: stem (conv1, bn1, relu, maxpool), layer1..layer4 (5 stages). EfficientNet (timm): stem (conv_stem, bn1),
+    the 7 block stages, head (conv_head, bn2) (9 stages). SmallCNN: one stage per conv-BN-ReLU.
     """
     if isinstance(backbone, torchvision.models.ResNet):
-        stem = nn.ModuleList([backbone.conv1, backbone.bn1])
+        stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
         return [stem, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
     if isinstance(backbone, SmallCNN):
         layers = list(backbone.features)
-        return [nn.ModuleList(layers[i : i + 3]) for i in range(0, len(layers), 3)]
+        return [nn.Sequential(*layers[i : i + 3]) for i in range(0, len(layers), 3)]
     if hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks"):  # timm EfficientNet
         return [
-            nn.ModuleList([backbone.conv_stem, backbone.bn1]),
+            nn.Sequential(backbone.conv_stem, backbone.bn1),
             *backbone.blocks,
-            nn.ModuleList([backbone.conv_head, backbone.bn2]),
+            nn.Sequential(backbone.conv_head, backbone.bn2),
         ]
     raise TypeError(f"backbone_stages: no stage list for {type(backbone).__name__}")
+
+
+def backbone_pool(backbone: nn.Module, x: Tensor) -> Tensor:
+    """(B, c, h, w) output of the backbone's last stage -> (B, num_features) pooled features, as its forward pools
+    (ResNet: average pool; timm EfficientNet: its ``forward_head`` without classifier; SmallCNN: the mean)."""
+    if isinstance(backbone, torchvision.models.ResNet):
+        return backbone.fc(torch.flatten(backbone.avgpool(x), 1))
+    if isinstance(backbone, SmallCNN):
+        return x.mean(dim=(2, 3))
+    if hasattr(backbone, "forward_head"):  # timm: global pool (+ dropout), classifier = Identity (num_classes=0)
+        return backbone.forward_head(x)
+    raise TypeError(f"backbone_pool: no pooling for {type(backbone).__name__}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
