@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from clml_core import runfolder
-from clml_core.build import build_network
+from clml_core.build import build_network, input_splits, uses_trunk_cache
 from clml_core.config import TrainConfig, apply_updates, authors_overrides, config_diff, resolve_config, to_dict
 from clml_core.correction import score_reliability
-from clml_core.data.splits import build_splits, cache_folder, image_size
-from clml_core.features import feature_splits
+from clml_core.data.splits import build_splits
+from clml_core.features import view_seed
 from clml_core.models import preprocessing_for
 
 #: Missing-label protocols of the main table, as config overrides of ``data``.
@@ -237,11 +237,15 @@ def ablation_grid(
     seeds: Sequence[int],
     overrides: dict[str, Any] | None = None,
     authors_values: bool = False,
+    corrections: Sequence[str] = tuple(CORRECTIONS),
+    authors: bool = True,
 ) -> list[RunSpec]:
     """Base loss alone, + local, + global, + both, without and with label correction, and the authors' release.
 
     Correction is the fixed-tau rule, and for the base loss and CLML also the per-class quantile rule
-    (:data:`CORRECTIONS`). The global term does not read labels, so it runs without correction only.
+    (:data:`CORRECTIONS`); ``corrections`` keeps some of them (every term keeps its run without correction, the
+    reference of the table and of the embedding panels). The global term does not read labels, so it runs without
+    correction only. ``authors=False`` leaves the release's row out.
 
     The release's row trains as the release ran (:data:`clml_core.config.AUTHORS`: its CLML implementation in fp32
     behind a loss scale growing from 65536 to 2^32 over the run), with our hyperparameters and the fixed-tau
@@ -249,16 +253,19 @@ def ablation_grid(
     ``authors_values`` gives it the release's hyperparameters too (correction threshold 0.75, SPLC tau 0.7, Focal's
     detached weight).
     """
+    unknown = [name for name in corrections if name not in CORRECTIONS]
+    if unknown:
+        raise ValueError(f"ablation_grid: unknown correction(s) {unknown}; valid: {', '.join(CORRECTIONS)}")
     specs = []
     common = _merge(overrides or {}, {"data": PROTOCOLS[protocol], "loss": {"base": loss}})
-    corrections = {
+    per_term = {
         "base": list(CORRECTIONS),
         "+ local": ["none", "fixed tau"],
         "+ global": ["none"],
         "+ both (CLML)": list(CORRECTIONS),
     }
     for name, (local, global_) in ABLATION_TERMS.items():
-        for correction in corrections[name]:
+        for correction in [c for c in per_term[name] if c == "none" or c in corrections]:
             settings, suffix = CORRECTIONS[correction]
             clml = {"enabled": True, "local_weight": local, "global_weight": global_, **settings}
             if name == "base":
@@ -267,6 +274,8 @@ def ablation_grid(
             labels = {"terms": name, "correction": correction}
             run = _merge(common, {"clml": clml})
             specs += [RunSpec("ablation", f"{name}{suffix}", seed, preset, run, labels) for seed in seeds]
+    if not authors:
+        return specs
     released = _merge(common, {"clml": {"enabled": True}}, authors_overrides(loss, authors_values))
     labels = {"terms": "authors' release (as it ran)", "correction": "fixed tau"}
     variant = "authors release as run" + (" with its values" if authors_values else "")
@@ -345,29 +354,32 @@ def _check_finished(specs: Sequence[RunSpec], root: Path) -> None:
 
 
 def _prepare_data(specs: Sequence[RunSpec]) -> None:
-    """Generate or load each distinct dataset (and feature store) once, before worker processes would race to
-    create it."""
+    """Generate or load each distinct dataset, feature store and trunk store once, before worker processes would
+    race to create them."""
     seen = set()
     for spec in specs:
         config = spec.config()
         data, model = config.data, config.model
         side = data.synthetic_image_size or data.image_size
         key = (data.dataset, data.root, data.synthetic_size, data.synthetic_seed, side)
-        frozen = model.train_mode == "frozen"
-        if frozen:  # one store per backbone and augmentation (a random backbone depends on the seed)
-            key += (model.arch, model.weights, data.augment, data.feature_views, model.weights or config.seed)
+        stored = model.train_mode == "frozen" or uses_trunk_cache(config)
+        if stored:  # one store per backbone, split point, augmentation and views (a random backbone: per seed)
+            views = (data.augment, data.feature_views, view_seed(config.seed, data.views_per_seed))
+            key += (
+                model.arch,
+                model.weights,
+                model.train_mode,
+                model.trainable_stages,
+                *views,
+                model.weights or config.seed,
+            )
         if key not in seen:
             seen.add(key)
-            preprocessing = preprocessing_for(model.arch)
-            splits = build_splits(data, preprocessing, progress=config.progress)
-            if frozen:
+            splits = build_splits(data, preprocessing_for(model.arch), progress=config.progress)
+            if stored:
                 torch.manual_seed(config.seed)
                 network = build_network(model, splits.train.num_classes, torch.device("cpu"))
-                feature_splits(
-                    splits, network, size=image_size(data.image_size, preprocessing), augment=data.augment,
-                    views=data.feature_views, folder=cache_folder(data.cache_dir) / "features", workers=data.workers,
-                    progress=config.progress,
-                )  # fmt: skip
+                input_splits(config, splits, network, torch.device("cpu"))
 
 
 def run_specs(specs: Iterable[RunSpec], root: str | Path, processes: int = 2, force: bool = False) -> Path:

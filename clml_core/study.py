@@ -123,6 +123,29 @@ PROFILES: dict[str, dict[str, Any]] = {
         "PROCESSES": 1,
         "OVERRIDES": {},
     },
+    # CLML where it acts: EfficientNet-Lite0's last two stages trained from the stored trunk on the VOC2007 photos,
+    # CLML on the backbone's own pooled features (no projection head), as in the paper:
+    # python -m clml_core.study --profile real_finetune -p DATA_ROOT=/path/to/voc2007
+    "real_finetune": {
+        "SMOKE": False,
+        "PRESET": "real_finetune",
+        "DATASET": "voc",
+        "SEED": 0,
+        "SEEDS": [0, 1, 2, 3, 4],
+        "LOSSES": ["bce", "hill", "ll-r"],
+        "PROTOCOLS": ["full labels", "75% left", "single positive"],
+        "PROTOCOL": "single positive",
+        "SAMPLE_PROTOCOL": "single positive",
+        "ABLATION_LOSS": "bce",
+        "ABLATION_PROTOCOL": "single positive",
+        "LAMS": [0.01, 0.1, 10.0, 30.0],  # with the preset's 1.0: 0.01 to 30
+        "TAUS": [0.5, 0.8],
+        "SWEEP_SEEDS": [0, 1, 2],  # the ablation and the sweeps: 3 seeds (the main table: 5)
+        "ABLATION_CORRECTIONS": ["fixed tau"],
+        "ABLATION_AUTHORS": False,
+        "PROCESSES": 2,
+        "OVERRIDES": {},
+    },
     # Cole et al.'s single-positive harness and the methods built on it, each without and with CLML, on the embedded
     # benchmark and on the VOC2007 photos with the frozen backbone (Cole's linear_fixed_features regime, here with
     # the real preset's MLP head, which CLML acts on): python -m clml_core.study --profile spml -p DATA_ROOT=...

@@ -36,6 +36,7 @@ FIGURES = [
     "learning_curves",
     "per_class",
     "correction_curves",
+    "clml_share",
     "reliability",
 ]
 TABLES = [
