@@ -236,16 +236,6 @@ def backbone_feature_map(backbone: nn.Module, x: Tensor) -> Tensor:
     raise TypeError(f"backbone_feature_map: no feature map for {type(backbone).__name__}")
 
 
-def pool_feature_map(backbone: nn.Module, feature_map: Tensor) -> Tensor:
-    """(B, F, h, w) -> (B, F): the backbone's own global pooling, so that
-    ``pool_feature_map(b, backbone_feature_map(b, x))`` is ``b(x)`` (timm's head dropout included)."""
-    if isinstance(backbone, torchvision.models.ResNet):
-        return backbone.fc(torch.flatten(backbone.avgpool(feature_map), 1))
-    if hasattr(backbone, "forward_head") and not isinstance(backbone, SmallCNN):  # timm
-        return backbone.forward_head(feature_map)
-    return feature_map.mean(dim=(2, 3))
-
-
 class MultiLabelNet(nn.Module):
     """Backbone + optional projection head + linear classifier on the pooled features (or BoostLU's on the map).
 
@@ -321,14 +311,16 @@ class MultiLabelNet(nn.Module):
     def forward(self, x: Tensor) -> ModelOutput:
         """(B, 3, H, W) images -> logits (B, C) and embeddings (B, embed_dim)."""
         if self.classifier_head == "boostlu":
-            return self.forward_boostlu(x)
+            return self.forward_map(backbone_feature_map(self.backbone, x))
         return self.forward_head(self.forward_features(x))
 
-    def forward_boostlu(self, x: Tensor) -> ModelOutput:
-        """(B, 3, H, W) images -> BoostLU's logits (B, C) from the feature map, and the embeddings (B, embed_dim)
-        of the pooled features (what CLML acts on in either head)."""
-        feature_map = backbone_feature_map(self.backbone, x)
-        features = pool_feature_map(self.backbone, feature_map)
+    def forward_map(self, feature_map: Tensor) -> ModelOutput:
+        """(B, F, h, w) the backbone's last feature map -> logits (B, C) and embeddings (B, embed_dim): BoostLU's
+        logits from the map itself, the linear classifier's from its pooled features; the embeddings are those of
+        the pooled features (what CLML acts on in either head)."""
+        features = backbone_pool(self.backbone, feature_map)
+        if self.classifier_head != "boostlu":
+            return self.forward_head(features)
         embeddings = features if self.head is None else self.head(features)
         return ModelOutput(logits=self.classifier(feature_map), embeddings=embeddings)
 
@@ -340,13 +332,13 @@ class MultiLabelNet(nn.Module):
         return x
 
     def forward_top(self, x: Tensor) -> Tensor:
-        """(B, c, h, w) trunk output -> (B, num_features) pooled features: the trainable stages, then the pooling.
+        """(B, c, h, w) trunk output -> (B, F, h', w') the backbone's last feature map: the trainable stages.
 
-        ``forward_top(forward_trunk(x))`` equals ``forward_features(x)``.
+        ``forward_map(forward_top(forward_trunk(x)))`` equals ``forward(x)``.
         """
         for stage in backbone_stages(self.backbone)[self.frozen_stages :]:
             x = stage(x)
-        return backbone_pool(self.backbone, x)
+        return x
 
     def freeze_backbone(self, trainable_stages: int | None) -> None:
         """Freeze the backbone but its last ``trainable_stages`` stages (None: train everything, 0: train none).
@@ -415,7 +407,7 @@ class TrunkHead(nn.Module):
         x = activations.view(-1, *self.shape)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net.forward_head(self.net.forward_top(x))
+        return self.net.forward_map(self.net.forward_top(x))
 
 
 def backbone_stages(backbone: nn.Module) -> list[nn.Module]:

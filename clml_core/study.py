@@ -185,6 +185,17 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "LL-R+BoostLU": "its class activation map needs the backbone's feature map, not cached features"
                 },
             },
+            # CLML where it acts (the real_finetune preset): the last block stage and head convolution trained from
+            # the stored trunk, CLML and the classifier on the 1280-d pooled features.
+            "voc finetune": {
+                "PRESET": "real_finetune",
+                "DATASET": "voc",
+                "BACKBONE": "EfficientNet-Lite0 ImageNet, last block stage + head conv trained",
+                "OVERRIDES": {
+                    "data": {"protocol": "cole", "protocol_seed": 1200, "val_labels": "full", "val_fraction": 0.2}
+                },
+                "KWARGS": {"em": {"alpha": 0.2}, "em-apl": {"alpha": 0.2, "beta": 0.02, "warmup": 5}},
+            },
         },
         "BOOTSTRAP_RESAMPLES": 1000,
         "PROCESSES": 2,

@@ -93,14 +93,24 @@ def _config(voc_root: Path, cache: Path, weights: str, **model):
 # ------------------------------------------------------------------------------------------------ the network
 
 
-@pytest.mark.parametrize(("arch", "trainable"), [("efficientnet_lite0", 2), ("efficientnet_lite0", 4), ("resnet18", 2)])
-def test_the_trunk_head_is_the_network_in_both_modes(arch: str, trainable: int) -> None:
+@pytest.mark.parametrize(
+    ("arch", "trainable", "head"),
+    [
+        ("efficientnet_lite0", 2, "linear"),
+        ("efficientnet_lite0", 4, "linear"),
+        ("resnet18", 2, "linear"),
+        ("efficientnet_lite0", 2, "boostlu"),
+        ("resnet18", 2, "boostlu"),
+    ],
+)
+def test_the_trunk_head_is_the_network_in_both_modes(arch: str, trainable: int, head: str) -> None:
     """From the trunk's output, the trainable stages compute the network's logits and embeddings, and the same
-    gradients, in training mode (BatchNorm on batch statistics, frozen stages in eval mode) and in eval mode."""
+    gradients, in training mode (BatchNorm on batch statistics, frozen stages in eval mode) and in eval mode; with
+    BoostLU's head too, whose logits come from the feature map."""
     torch.manual_seed(0)
-    model = build_model(arch, 5)
+    model = build_model(arch, 5, classifier_head=head)
     model.freeze_backbone(trainable)
-    twin = build_model(arch, 5)
+    twin = build_model(arch, 5, classifier_head=head)
     twin.load_state_dict(model.state_dict())
     twin.freeze_backbone(trainable)
     x = torch.rand(4, 3, 64, 64)
