@@ -61,7 +61,7 @@ never a made-up width.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -587,16 +587,7 @@ def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     Returns:
         (m,) adjusted p-values in the input order.
     """
-    p, finite = _family(p_values, "holm")
-    out = np.full(p.shape, np.nan)
-    values = p[finite]
-    m = values.size
-    order = np.argsort(values, kind="stable")
-    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * values[order]))
-    ranked = np.empty(m)
-    ranked[order] = adjusted
-    out[finite] = ranked
-    return out
+    return _adjusted(p_values, "holm", lambda p, m: np.maximum.accumulate((m - np.arange(m)) * p))
 
 
 def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -611,14 +602,20 @@ def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     Returns:
         (m,) adjusted p-values in the input order.
     """
-    p, finite = _family(p_values, "benjamini_hochberg")
+    return _adjusted(
+        p_values, "benjamini_hochberg", lambda p, m: np.minimum.accumulate((p * m / np.arange(1, m + 1))[::-1])[::-1]
+    )
+
+
+def _adjusted(
+    p_values: Sequence[float] | np.ndarray, where: str, step: Callable[[np.ndarray, int], np.ndarray]
+) -> np.ndarray:
+    """``step(sorted finite p-values, m)`` capped at 1, in the input order; NaN entries stay NaN."""
+    p, finite = _family(p_values, where)
     out = np.full(p.shape, np.nan)
     values = p[finite]
-    m = values.size
     order = np.argsort(values, kind="stable")
-    scaled = values[order] * m / np.arange(1, m + 1)
-    adjusted = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
-    ranked = np.empty(m)
-    ranked[order] = adjusted
+    ranked = np.empty(values.size)
+    ranked[order] = np.minimum(1.0, step(values[order], values.size))
     out[finite] = ranked
     return out
