@@ -155,8 +155,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "OVERRIDES": {},
     },
     # Cole et al.'s single-positive harness and the methods built on it, each without and with CLML, on the embedded
-    # benchmark and on the VOC2007 photos with the frozen backbone (Cole's linear_fixed_features regime, here with
-    # the real preset's MLP head, which CLML acts on): python -m clml_core.study --profile spml -p DATA_ROOT=...
+    # benchmark, on the VOC2007 photos with the frozen backbone (Cole's linear_fixed_features regime, here with the
+    # real preset's MLP head, which CLML acts on) and on the same photos with the backbone's top stages trained
+    # (real_finetune): python -m clml_core.study --profile spml -p DATA_ROOT=... (about an hour on 2 CPU cores;
+    # -p "SETTINGS=..." runs a subset)
     "spml": {
         "SMOKE": False,
         "PRESET": "real",
