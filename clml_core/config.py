@@ -368,6 +368,18 @@ COLE_E2E: dict[str, Any] = {
 }
 
 
+#: The data of the presets on real photos (real, real_partial, real_finetune): a VOC2007 sample with no test split of
+#: its own, 30% carved as test, 15% of the rest as validation, the backbone's input size, single positive (1.40 labels
+#: per image: keep_fraction needs fraction >= 0.73 there), random-resized crop and flip.
+_VOC_SAMPLE: dict[str, Any] = {
+    "dataset": "voc",
+    "image_size": 0,
+    "test_fraction": 0.3,
+    "val_fraction": 0.15,
+    "protocol": "single_positive",
+    "augment": "crop_flip",
+}
+
 #: Named starting configurations (``--preset``); each study profile names its own under ``PRESET``
 #: (``clml_core.study.PROFILES``, checked there).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -396,15 +408,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # choices, not values shown to have been tuned on the validation split alone (docs/results.md says so).
     "real": {
         "name": "real",
-        "data": {
-            "dataset": "voc",
-            "image_size": 0,
-            "test_fraction": 0.3,
-            "val_fraction": 0.15,
-            "protocol": "single_positive",  # 1.40 labels per image: keep_fraction needs fraction >= 0.73 here
-            "augment": "crop_flip",
-            "feature_views": 4,
-        },
+        "data": {**_VOC_SAMPLE, "feature_views": 4},
         "model": {
             "arch": "efficientnet_lite0",
             "weights": "imagenet",
@@ -420,15 +424,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # frozen), on the same carved splits, channels_last (depthwise convolutions are much faster so on a CPU).
     "real_partial": {
         "name": "real_partial",
-        "data": {
-            "dataset": "voc",
-            "image_size": 0,
-            "test_fraction": 0.3,
-            "val_fraction": 0.15,
-            "protocol": "single_positive",
-            "augment": "crop_flip",
-            "packed_cache": True,
-        },
+        "data": {**_VOC_SAMPLE, "packed_cache": True},
         "model": {
             "arch": "efficientnet_lite0",
             "weights": "imagenet",
@@ -451,15 +447,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # moves by several points between epochs: 3e-3 with 5 to 12 epochs are within that noise).
     "real_finetune": {
         "name": "real_finetune",
-        "data": {
-            "dataset": "voc",
-            "image_size": 0,
-            "test_fraction": 0.3,
-            "val_fraction": 0.15,
-            "protocol": "single_positive",
-            "augment": "crop_flip",
-            "feature_views": 8,
-        },
+        "data": {**_VOC_SAMPLE, "feature_views": 8},
         "model": {
             "arch": "efficientnet_lite0",
             "weights": "imagenet",

@@ -45,6 +45,14 @@ FIGURE_INPUTS: dict[str, str] = {
 _LOSSES = ["bce", "focal", "asl", "hill", "splc"]
 _PROTOCOLS = ["75% left", "40% left", "single positive"]
 
+#: Cole et al.'s protocol on the VOC photos (their seed and 20% validation carve, selection on its full labels), with
+#: EM's and EM+APL's published VOC values (Zhou et al.): alpha 0.2, APL's warm-up 5, beta 0.02.
+_COLE_VOC: dict[str, Any] = {
+    "DATASET": "voc",
+    "OVERRIDES": {"data": {"protocol": "cole", "protocol_seed": 1200, "val_labels": "full", "val_fraction": 0.2}},
+    "KWARGS": {"em": {"alpha": 0.2}, "em-apl": {"alpha": 0.2, "beta": 0.02, "warmup": 5}},
+}
+
 #: Notebook parameters of each profile; a notebook receives the ones its parameters cell declares. ``PRESET`` names
 #: the profile's configuration preset (a key of ``clml_core.config.PRESETS``; :func:`check_profiles` holds to it).
 PROFILES: dict[str, dict[str, Any]] = {
@@ -176,13 +184,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             },
             "voc frozen": {
                 "PRESET": "real",
-                "DATASET": "voc",
                 "BACKBONE": "EfficientNet-Lite0 ImageNet frozen + MLP head",
-                "OVERRIDES": {
-                    "data": {"protocol": "cole", "protocol_seed": 1200, "val_labels": "full", "val_fraction": 0.2}
-                },
-                # EM's and EM+APL's published VOC values (Zhou et al.): alpha 0.2, APL's warm-up 5, beta 0.02.
-                "KWARGS": {"em": {"alpha": 0.2}, "em-apl": {"alpha": 0.2, "beta": 0.02, "warmup": 5}},
+                **_COLE_VOC,
                 "SKIP": {
                     "LL-R+BoostLU": "its class activation map needs the backbone's feature map, not cached features"
                 },
@@ -191,12 +194,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             # the stored trunk, CLML and the classifier on the 1280-d pooled features.
             "voc finetune": {
                 "PRESET": "real_finetune",
-                "DATASET": "voc",
                 "BACKBONE": "EfficientNet-Lite0 ImageNet, last block stage + head conv trained",
-                "OVERRIDES": {
-                    "data": {"protocol": "cole", "protocol_seed": 1200, "val_labels": "full", "val_fraction": 0.2}
-                },
-                "KWARGS": {"em": {"alpha": 0.2}, "em-apl": {"alpha": 0.2, "beta": 0.02, "warmup": 5}},
+                **_COLE_VOC,
             },
         },
         "BOOTSTRAP_RESAMPLES": 1000,
