@@ -44,6 +44,13 @@ class SeededItems(torch.utils.data.Dataset):
             torch.manual_seed(item_seed)
             return self.dataset[index]
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[Tensor, Tensor, int]]:
+        """A batch: read in one call where nothing is drawn (no augmentation) and the dataset reads batches."""
+        batch_items = getattr(self.dataset, "__getitems__", None)
+        if self.augment or batch_items is None:
+            return [self[key] for key in keys]
+        return batch_items([index for _, index in keys])
+
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> Tensor:
     """The permutation of training items in an epoch, a pure function of (seed, epoch)."""

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from clml_core.data import MultiLabelDataset
-from clml_core.data.dataset import read_image
+from clml_core.data.dataset import collate, read_image
 
 CLASSES = ["cat", "dog", "car"]
 LABELS = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 0]], dtype=np.uint8)
@@ -135,6 +135,54 @@ def test_dataloader_collates_batches():
     ds = _array_dataset()
     images, targets, indices = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
     assert images.shape == (3, 3, 5, 7) and targets.shape == (3, 3) and indices.tolist() == [0, 1, 2]
+
+
+def _items_equal(got, want) -> None:
+    assert len(got) == len(want)
+    for (image, observed, index), (image_w, observed_w, index_w) in zip(got, want):
+        assert index == index_w and isinstance(index, int)
+        assert image.dtype == image_w.dtype and image.is_contiguous()
+        assert torch.equal(image, image_w) and torch.equal(observed, observed_w)
+
+
+@pytest.mark.parametrize("rows", [[2, 0, 3], [1], [-1, 0, 0], []])
+def test_batch_read_equals_item_reads(tmp_path, rows):
+    """``__getitems__`` (one read for a DataLoader batch) gives what ``ds[i]`` gives, for an array, a memmap
+    subset (row indirection), a transform, negative and repeated indices."""
+    images = np.random.default_rng(2).integers(0, 256, size=(4, 6, 8, 3), dtype=np.uint8)
+    mm = np.memmap(tmp_path / "images.u8", dtype=np.uint8, mode="w+", shape=images.shape)
+    mm[:] = images
+    mm.flush()
+    readonly = np.memmap(tmp_path / "images.u8", dtype=np.uint8, mode="r", shape=images.shape)
+    in_memory = _array_dataset()
+    subset = MultiLabelDataset(CLASSES, LABELS, images=readonly).subset([3, 1, 0, 2])
+    transformed = _array_dataset(transform=lambda x: x.float() / 255.0)
+    for ds in (in_memory, subset, transformed):
+        _items_equal(ds.__getitems__(rows), [ds[i] for i in rows])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable array" warning from torch
+        image = subset.__getitems__([0])[0][0]
+    image[:] = 0  # the tensor owns its memory; the memmap is untouched
+    assert (readonly[3] == images[3]).all()
+
+
+def test_batch_read_of_files_and_bad_indices(tmp_path, write_image):
+    paths = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(4)]
+    files = MultiLabelDataset(CLASSES, LABELS, image_paths=paths)
+    _items_equal(files.__getitems__([3, 0]), [files[3], files[0]])
+    with pytest.raises(IndexError, match="index 4 out of range"):
+        _array_dataset().__getitems__([0, 4])
+    with pytest.raises(TypeError, match="transform must return a torch.Tensor"):
+        _array_dataset(transform=lambda x: x.numpy()).__getitems__([0])
+
+
+def test_dataloader_batches_equal_item_batches():
+    """A DataLoader batch read through ``__getitems__`` equals the one collated from single items."""
+    ds = _array_dataset()
+    batched = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)))
+    single = collate([ds[i] for i in range(4)])
+    for got, want in zip(batched, single):
+        assert torch.equal(got, want)
 
 
 # --- derived datasets ------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import torch
 from clml_core import engine as engine_module
 from clml_core import loaders, train_state
 from clml_core.config import apply_updates, resolve_config, validate_config
+from clml_core.data import MultiLabelDataset
+from clml_core.data.dataset import collate
 from clml_core.engine import NonFiniteLossError, train
 from clml_core.losses import CLMLLoss
 from clml_core.losses.authors import AuthorsCLMLLoss
@@ -366,6 +368,24 @@ def test_batch_size_is_the_global_batch_split_over_ranks():
         assert sum((per_rank[r][step] for r in range(3)), []) == single[step]
     with pytest.raises(ValueError, match="optim.batch_size.*10.*3 processes"):
         loaders.rank_batch_size(_config(optim={"batch_size": 10}).optim.batch_size, world_size=3)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_training_loader_batches_equal_the_items_read_one_by_one(augment):
+    """The training loader reads a batch in one call (``__getitems__``) where nothing is drawn, item by item under
+    each item's seed otherwise; either way a batch holds exactly the items ``SeededItems[key]`` gives."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(10, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, size=(10, 3)).astype(np.uint8)
+    flip = lambda image: image.flip(-1) if torch.rand(()) < 0.5 else image  # noqa: E731 (a drawn transform)
+    dataset = MultiLabelDataset(["a", "b", "c"], labels, images=images, transform=flip if augment else None)
+    items = loaders.SeededItems(dataset, seed=3, augment=augment)
+    batches = loaders.EpochBatches(10, 4, seed=3)
+    loader = loaders.train_loader(dataset, batches, seed=3, augment=augment, workers=0, device=torch.device("cpu"))
+    for keys, batch in zip(iter(batches), loader, strict=True):
+        want = collate([items[key] for key in keys])
+        for got, expected in zip(batch, want):
+            assert torch.equal(got, expected)
 
 
 def test_reading_the_logged_terms_every_step_or_every_few_steps_logs_the_same(tmp_path):
