@@ -80,6 +80,14 @@ def test_bench_loading_tiny_prints_the_cache_and_pipeline_tables():
         assert re.search(rf"^\| {re.escape(pipeline)} \| 0 \| \d+ \| [\d.]+x \|$", result.stdout, flags=re.M), pipeline
 
 
+def test_bench_batch_reads_tiny_prints_both_readers_and_their_ratio():
+    command = [sys.executable, "-W", "ignore::DeprecationWarning", "benchmarks/bench_batch_reads.py", "--tiny"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\| batch read \| [\d.]+ \| \|$", result.stdout, flags=re.M), result.stdout
+    assert re.search(r"^\| item reads \| [\d.]+ \| [\d.]+x \|$", result.stdout, flags=re.M), result.stdout
+
+
 def test_gpu_check_runs_its_tiny_mode_on_the_cpu(tmp_path):
     """The GPU check's code paths on small shapes: CLML against the float64 loop, the step benchmark, and a paper
     preset run stopped as a crash would stop it and resumed; every pass/fail row passes."""

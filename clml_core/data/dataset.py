@@ -421,7 +421,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         if not isinstance(self._images, np.ndarray) or self.encoded_items or not rows:
             return [self[i] for i in rows]
         stored = rows if self._rows is None else self._rows[rows]
-        # fancy indexing copies out of a (read-only) memmap, so the tensors own writable memory.
+        # fancy indexing copies out of a (read-only) memmap: the items are writable views of one batch buffer.
         images = torch.from_numpy(np.ascontiguousarray(self._images[stored].transpose(0, 3, 1, 2))).unbind(0)
         if self.transform is not None:
             images = [self._transformed(image) for image in images]
