@@ -162,7 +162,7 @@ def test_batch_read_equals_item_reads(tmp_path, rows):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "non-writable array" warning from torch
         image = subset.__getitems__([0])[0][0]
-    image[:] = 0  # the tensor owns its memory; the memmap is untouched
+    image[:] = 0  # a writable view of the batch's copy; the memmap is untouched
     assert (readonly[3] == images[3]).all()
 
 
